@@ -1,0 +1,212 @@
+"""One typed config tree, validated once at start-up.
+
+YAML files in configs/ are loaded, `--set a.b=c` overrides applied, then the whole tree is
+validated by pydantic. Unknown keys and bad values are `ConfigError`s whose message names
+the key path and what is allowed. Each component receives only its own slice."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_pipeline.config import CorpusConfig, IngestConfig
+from data_pipeline.reader import ReaderConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VisionConfig(Strict):
+    image_size: int = Field(32, gt=0)
+    patch_size: int = Field(4, gt=0)
+    width: int = Field(128, gt=0)
+    depth: int = Field(3, gt=0)
+    heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0)
+
+
+class TextConfig(Strict):
+    context_length: int = Field(24, gt=1)
+    width: int = Field(128, gt=0)
+    depth: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0)
+
+
+class ModelConfig(Strict):
+    embed_dim: int = Field(64, gt=0)
+    init_temperature: float = Field(0.07, gt=0)
+    grad_checkpointing: bool = False
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(1000, ge=64)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ObjectiveConfig(Strict):
+    name: Literal["clip_infonce"] = "clip_infonce"
+    weight: float = Field(1.0, gt=0)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(30, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    micro_batch_size: int = Field(64, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    steps: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    seed: int = 0
+    threads_per_worker: int = Field(1, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class MetricsConfig(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535)  # rank r serves on port + r; 0 picks free ports
+
+
+class EvalConfig(Strict):
+    label_template: str = "{colour} {shape}"
+    prompt_templates: list[str] = Field(default_factory=lambda: [
+        "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} on a plain background.",
+    ], min_length=1)
+    recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class DataConfig(Strict):
+    corpus: CorpusConfig = CorpusConfig()
+    ingest: IngestConfig = IngestConfig()
+    reader: ReaderConfig = ReaderConfig()
+    train_shards: str = "{run_dir}/shards/train"
+    eval_shards: str = "{run_dir}/shards/heldout"
+
+
+class RunConfig(Strict):
+    name: str = "demo"
+    run_dir: str = "runs/demo"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    objectives: list[ObjectiveConfig] = Field(default_factory=lambda: [ObjectiveConfig()], min_length=1)
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "RunConfig":
+        if self.data.ingest.image_size != self.model.vision.image_size:
+            raise ValueError(
+                f"data.ingest.image_size ({self.data.ingest.image_size}) must equal "
+                f"model.vision.image_size ({self.model.vision.image_size})")
+        return self
+
+    def path(self, template: str) -> str:
+        return template.format(run_dir=self.run_dir)
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key path and what is allowed."""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """Field names of the model at `loc`'s parent, to list next to an unknown key."""
+    cls: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for candidate in (ann, *getattr(ann, "__args__", ())):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                cls = candidate
+                break
+        else:
+            return None
+    return sorted(getattr(cls, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = RunConfig) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, e["loc"])
+            hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {path}: unknown key{hint}")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty component in key path {key!r}")
+    return parts, yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or the embedded defaults when None) + overrides -> validated RunConfig."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    tree = apply_overrides(tree, list(overrides))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_from_dict(tree: dict) -> RunConfig:
+    return RunConfig.model_validate(tree)

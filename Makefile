@@ -1,0 +1,33 @@
+# Two commands: `make demo` and `make test`. Each creates .venv when absent and installs
+# everything under requirements/lock.txt's exact pins; a second run skips the install.
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+PY     := $(VENV)/bin/python
+LOCK   := requirements/lock.txt
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install clean-venv
+
+install: $(STAMP)
+
+# Order matters: torch first, pinned to the local CPU build (a bare `torch` would pull a
+# multi-GB CUDA build); then the rest; then deepspeed without build isolation, or its build
+# would fetch another torch; then this project without touching dependencies.
+$(STAMP): $(LOCK) requirements/base.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c $(LOCK) pip setuptools
+	$(PIP) install -q -c $(LOCK) torch
+	$(PIP) install -q -c $(LOCK) -r requirements/base.txt
+	$(PIP) install -q -c $(LOCK) --no-build-isolation deepspeed
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vlm demo --config configs/demo.yaml --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

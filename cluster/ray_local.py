@@ -1,0 +1,40 @@
+"""Starting or joining Ray for the CLI commands."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from data_pipeline.local_ray import loopback_env, use_loopback_only
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None):
+    """Joins `address` (or RAY_ADDRESS), or starts a private local instance on 127.0.0.1
+    that is shut down afterwards. An already-initialised Ray is used as it is."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        use_loopback_only()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": worker_env()})
+    else:
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env={"env_vars": worker_env()})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker needs before it imports torch or DeepSpeed."""
+    import torch
+    env = {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.update(loopback_env())
+    return env

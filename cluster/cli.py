@@ -98,6 +98,10 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if not args.resume:
+        latest = Path(cfg.run_dir) / "checkpoints" / "latest"
+        if latest.is_file():
+            raise FileExistsError(f"{cfg.run_dir} already has checkpoints (newest: {latest.read_text().strip()}): "
+                                  f"pass --resume latest to continue it, or --set run_dir=NEW_DIR to start over")
         prepare_tokenizer(cfg)
     with ray_session(args.ray_address, num_cpus=max(cfg.train.num_workers, 1)):
         run_training(cfg, resume=args.resume)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlm: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
 

@@ -22,8 +22,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
     if address:
         ray.init(address=address, runtime_env={"env_vars": worker_env()})
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env={"env_vars": worker_env()})
+        # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's
+        # controller polls; without it the controller logs a failure every second.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env={"env_vars": worker_env()})
     try:
         yield
     finally:
@@ -35,6 +37,8 @@ def worker_env() -> dict[str, str]:
     import torch
     env = {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false",
+           # Ray Train's print patch re-emits each worker print through logging: lines doubled.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     env.update(loopback_env())
     return env

@@ -1,13 +1,15 @@
 """The one place where features cross ranks.
 
-`gather_features` concatenates every rank's rows with gradients flowing back to their
-owner (torch.distributed.nn's all_gather reduce-scatters the gradients in backward), so a
-loss on local rows against global columns costs O(b·B) memory, never O(B²)."""
+`gather_features` concatenates every rank's rows and routes gradients back to their owner:
+the backward all-reduces the gradient of the gathered matrix (every rank's loss touches
+every row) and keeps this rank's slice. A loss on local rows against global columns
+then costs O(b·B) memory, never O(B²). Written out here rather than through
+torch.distributed.nn's all_gather, which is deprecated in torch 2.13; all_gather and
+all_reduce are the two collectives every backend, gloo included, supports."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def world() -> tuple[int, int]:
@@ -17,9 +19,25 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """[b, D] on each rank -> [W*b, D], rank-major, differentiable."""
+    """[b, D] on each rank (b equal on all ranks) -> [W*b, D], rank-major, differentiable."""
     _, size = world()
     if size == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)

@@ -1,8 +1,10 @@
 """Model architecture configs: pydantic only, no torch; registered presets live in
-vlm/models/configs/ as YAML files of these fields."""
+vlm/models/configs/ as YAML files of these fields (see vlm.models.registry)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -10,25 +12,39 @@ class Strict(BaseModel):
 
 
 class VisionConfig(Strict):
+    type: Literal["vit", "resnet"] = "vit"
     image_size: int = Field(32, gt=0)
-    patch_size: int = Field(4, gt=0)
-    width: int = Field(128, gt=0)
-    depth: int = Field(3, gt=0)
-    heads: int = Field(4, gt=0)
-    mlp_ratio: float = Field(2.0, gt=0)
+    patch_size: int = Field(4, gt=0, description="ViT only")
+    width: int = Field(128, gt=0, description="ViT width, or the ResNet's base width (64 for RN50)")
+    depth: int = Field(3, gt=0, description="ViT only: transformer blocks")
+    heads: int = Field(4, gt=0, description="ViT attention heads, or the ResNet's attention-pool heads")
+    mlp_ratio: float = Field(2.0, gt=0, description="ViT only")
+    layers: tuple[int, int, int, int] = Field((3, 4, 6, 3), description="ResNet only: bottlenecks per stage")
+
+    @model_validator(mode="after")
+    def _shape_fits(self) -> VisionConfig:
+        if self.type == "vit" and self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.type == "resnet" and self.image_size % 32:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of 32 (the ResNet's total stride)")
+        if self.type == "resnet" and (self.width % 2 or min(self.layers) < 1):
+            raise ValueError("a ResNet needs an even width and at least one block per stage")
+        return self
 
 
 class TextConfig(Strict):
+    vocab_size: int | None = Field(None, gt=0, description="None: the run's trained tokenizer decides")
     context_length: int = Field(24, gt=1)
     width: int = Field(128, gt=0)
     depth: int = Field(2, gt=0)
     heads: int = Field(4, gt=0)
     mlp_ratio: float = Field(2.0, gt=0)
+    causal: bool = Field(True, description="False: bidirectional (masked language modelling)")
 
 
 class ModelConfig(Strict):
+    preset: str | None = Field(None, description="the registered preset these fields came from (a label only)")
     embed_dim: int = Field(64, gt=0)
-    init_temperature: float = Field(0.07, gt=0)
     grad_checkpointing: bool = False
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()

@@ -1,4 +1,5 @@
-"""Transformer text encoder as in CLIP: causal mask, features pooled at the end-of-text token."""
+"""Transformer text encoder as in CLIP: causal mask, features pooled at the end-of-text
+token; `causal=False` gives a bidirectional encoder (for masked language modelling)."""
 from __future__ import annotations
 
 import torch
@@ -9,26 +10,35 @@ from vlm.models.transformer import Transformer
 
 class TextTransformer(nn.Module):
     def __init__(self, *, vocab_size: int, context_length: int, width: int, depth: int,
-                 heads: int, embed_dim: int, mlp_ratio: float = 4.0,
+                 heads: int, embed_dim: int, mlp_ratio: float = 4.0, causal: bool = True,
                  grad_checkpointing: bool = False):
         super().__init__()
         self.context_length = context_length
+        self.causal = causal
+        self.pooled_dim = width
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, width))
         self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing)
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
-        causal = torch.ones(context_length, context_length, dtype=torch.bool).tril()
-        self.register_buffer("causal_mask", causal, persistent=False)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=width ** -0.5)
+        mask = torch.ones(context_length, context_length, dtype=torch.bool).tril()
+        self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens: [B, L] ids; eot_index: [B] position of each end-of-text token.
+        """tokens: [B, L] ids (L <= context_length); eot_index: [B] end-of-text positions.
 
-        Returns {"embed": [B, E]} taken at the end-of-text position (which, under the
-        causal mask, has seen the whole caption)."""
+        Returns (unnormalised):
+          "embed":  [B, E] projected feature at the end-of-text position (under the causal
+                    mask the only position that has seen the whole caption);
+          "pooled": [B, W] the same feature before the projection;
+          "tokens": [B, L, W] every position after ln_final."""
         n = tokens.shape[1]
+        if n > self.context_length:
+            raise ValueError(f"{n} tokens exceed the context length {self.context_length}")
         x = self.token_embed(tokens) + self.pos_embed[:n]
-        x = self.transformer(x, self.causal_mask[:n, :n])
+        x = self.transformer(x, self.causal_mask[:n, :n] if self.causal else None)
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
-        return {"embed": self.proj(pooled)}
+        return {"embed": self.proj(pooled), "pooled": pooled, "tokens": x}

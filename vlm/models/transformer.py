@@ -44,10 +44,28 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.grad_checkpointing = grad_checkpointing
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        # Input projections ~ width**-0.5 keep activations O(1); the two projections that
+        # write into the residual stream are scaled down by (2*depth)**-0.5 so the stream's
+        # variance does not grow with depth (one attention and one MLP write per block).
+        width = self.blocks[0].ln1.normalized_shape[0] if len(self.blocks) else 1
+        std = width ** -0.5
+        residual_std = std * (2 * len(self.blocks)) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=std)
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp[0].weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp[2].weight, std=residual_std)
+            for linear in (block.attn.qkv, block.attn.proj, block.mlp[0], block.mlp[2]):
+                nn.init.zeros_(linear.bias)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, W] -> [B, N, W]."""
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, attn_mask, use_reentrant=False)
             else:
                 x = block(x, attn_mask)

@@ -14,7 +14,9 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size = image_size
         self.num_patches = (image_size // patch_size) ** 2
+        self.pooled_dim = width
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
         self.cls_token = nn.Parameter(scale * torch.randn(width))
@@ -23,12 +25,23 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=scale)
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: [B, 3, H, W] -> {"embed": [B, E], "tokens": [B, P, W]} (unnormalised)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
-        cls = self.cls_token.expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed
-        x = self.transformer(self.ln_pre(x))
-        x = self.ln_post(x)
-        return {"embed": self.proj(x[:, 0]), "tokens": x[:, 1:]}
+    def forward(self, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images: [B, 3, S, S]; keep_index: optional [B, K] patch indices (row-major, < P) to keep.
+
+        Returns (unnormalised):
+          "embed":  [B, E] projected class token;
+          "pooled": [B, W] class token after ln_post, before the projection;
+          "tokens": [B, P, W] patch tokens after ln_post, or [B, K, W] in keep_index order.
+        Dropped patches never enter the transformer (MAE); each kept patch carries the
+        positional embedding of its original position."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed[1:]  # [B, P, W]
+        if keep_index is not None:
+            index = keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = torch.gather(x, 1, index)  # [B, K, W]
+        cls = (self.cls_token + self.pos_embed[0]).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
+        pooled = x[:, 0]
+        return {"embed": self.proj(pooled), "pooled": pooled, "tokens": x[:, 1:]}

@@ -1,0 +1,106 @@
+"""Models by name: each preset is a YAML file of ModelConfig fields in vlm/models/configs/.
+
+    cfg = get_config("ViT-B-16")             # a validated ModelConfig
+    model = build_model(cfg)                  # vocabulary from cfg.text.vocab_size
+    describe("ViT-B-16")                      # parameter counts and forward FLOPs
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlm.models.clip import CLIP
+from vlm.models.config import ModelConfig
+from vlm.models.resnet import ModifiedResNet
+from vlm.models.text import TextTransformer
+from vlm.models.vit import VisionTransformer
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+# CLIP's byte-pair vocabulary: what `describe` counts with when a preset leaves the
+# vocabulary to the run's tokenizer and no size is given.
+CLIP_VOCAB_SIZE = 49408
+
+
+def list_presets() -> list[str]:
+    return sorted((p.stem for p in CONFIG_DIR.glob("*.yaml")), key=str.lower)
+
+
+def preset_dict(name: str) -> dict:
+    """The preset's fields as a plain dict, with `preset` set to its name."""
+    path = CONFIG_DIR / f"{name}.yaml"
+    if name not in list_presets():
+        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(list_presets())}")
+    return {**yaml.safe_load(path.read_text()), "preset": name}
+
+
+def get_config(name: str) -> ModelConfig:
+    return ModelConfig(**preset_dict(name))
+
+
+def build_vision(cfg: ModelConfig) -> nn.Module:
+    v = cfg.vision
+    if v.type == "resnet":
+        return ModifiedResNet(image_size=v.image_size, layers=v.layers, width=v.width, heads=v.heads,
+                              embed_dim=cfg.embed_dim, grad_checkpointing=cfg.grad_checkpointing)
+    return VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, depth=v.depth,
+                             heads=v.heads, embed_dim=cfg.embed_dim, mlp_ratio=v.mlp_ratio,
+                             grad_checkpointing=cfg.grad_checkpointing)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
+    """The two towers of `cfg`; the vocabulary is cfg.text.vocab_size, else `vocab_size`
+    (the run's trained tokenizer)."""
+    t = cfg.text
+    vocab = t.vocab_size if t.vocab_size is not None else vocab_size
+    if vocab is None:
+        raise ValueError("the text vocabulary size is unknown: set model.text.vocab_size or pass vocab_size")
+    text = TextTransformer(vocab_size=vocab, context_length=t.context_length, width=t.width, depth=t.depth,
+                           heads=t.heads, embed_dim=cfg.embed_dim, mlp_ratio=t.mlp_ratio, causal=t.causal,
+                           grad_checkpointing=cfg.grad_checkpointing)
+    return CLIP(build_vision(cfg), text)
+
+
+def _resolve(name_or_cfg: str | ModelConfig) -> ModelConfig:
+    if isinstance(name_or_cfg, ModelConfig):
+        return name_or_cfg
+    try:
+        return get_config(name_or_cfg)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _flops(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def describe(name_or_cfg: str | ModelConfig, vocab_size: int | None = None) -> dict:
+    """Parameter counts and forward FLOPs per sample (batch 1, full image size, full text
+    context). A multiply-add counts as 2 FLOPs; only matrix products, convolutions and
+    attention are counted (norms, activations and softmax are not). The model is built on
+    the meta device, so even ViT-L/14 costs no memory. Raises ValueError for an unknown name."""
+    cfg = _resolve(name_or_cfg)
+    vocab = next(v for v in (cfg.text.vocab_size, vocab_size, CLIP_VOCAB_SIZE) if v is not None)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab).eval()
+        images = torch.empty(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+        tokens = torch.zeros(1, cfg.text.context_length, dtype=torch.long)
+        eot = torch.full((1,), cfg.text.context_length - 1, dtype=torch.long)
+        with torch.no_grad():
+            vision_flops = _flops(model.visual, images)
+            text_flops = _flops(model.text, tokens, eot)
+    return {
+        "preset": cfg.preset, "vision_type": cfg.vision.type, "image_size": cfg.vision.image_size,
+        "context_length": cfg.text.context_length, "vocab_size": vocab, "embed_dim": cfg.embed_dim,
+        "params_total": _numel(model), "params_vision": _numel(model.visual), "params_text": _numel(model.text),
+        "flops_vision": vision_flops, "flops_text": text_flops, "flops_total": vision_flops + text_flops,
+    }

@@ -1,68 +1,106 @@
-"""2 gloo processes give the same InfoNCE loss and gradients as 1 process on the global batch."""
+"""2 gloo processes, each on its half of the batch, give the same loss and gradients as
+1 process on the concatenated batch, for every objective. One spawn serves all of them."""
 import os
 import socket
+import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vlm.objectives import clip_infonce
+from vlm.objectives import (OBJECTIVES, ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig,
+                            build_objective)
 
-B, D = 10, 6
+RANKS, PER_RANK, E, W = 2, 5, 6, 7
+B = RANKS * PER_RANK
+CONFIGS = [ClipInfoNCEConfig(init_temperature=0.2), SigLIPConfig(init_temperature=0.2, init_bias=-3.0),
+           SlipImageConfig(head_hidden=16, head_dim=8), UniCLConfig(init_temperature=0.2)]
+# labels shared across the two halves, and unlabelled rows on both
+LABELS = torch.tensor([0, 1, -1, 0, 2, 1, -1, 0, 3, 2])
 
 
-def inputs():
+def global_inputs(cfg):
+    """The objective (same parameters on every process) and its global-batch inputs."""
+    torch.manual_seed(1)
+    obj = build_objective(cfg, embed_dim=E, vision_width=W)
     g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
-    txt = torch.nn.functional.normalize(torch.randn(B, D, generator=g), dim=-1)
-    return img, txt
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+    outputs = {"image_embed": unit(B, E), "text_embed": unit(B, E), "view_pooled": torch.randn(2 * B, W, generator=g)}
+    return obj, {k: v for k, v in outputs.items() if k in obj.needs}, {"labels": LABELS}
 
 
-def reference():
-    img, txt = (t.clone().requires_grad_() for t in inputs())
-    scale = torch.tensor([1.7], requires_grad=True)
-    loss = clip_infonce(image_embed=img, text_embed=txt, logit_scale=scale)["clip_infonce"]
+def rank_rows(key, x, rank):
+    """This rank's rows of a global input; view_pooled is [view 1 of all; view 2 of all]."""
+    half = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    if key == "view_pooled":
+        first, second = x.chunk(2)
+        return torch.cat([first[half], second[half]])
+    return x[half]
+
+
+def join_ranks(key, parts):
+    if key == "view_pooled":
+        return torch.cat([p.chunk(2)[0] for p in parts] + [p.chunk(2)[1] for p in parts])
+    return torch.cat(parts)
+
+
+def loss_and_grads(obj, outputs, batch):
+    """The objective's loss with the gradients of its inputs and of its own parameters, as
+    numpy arrays (sent by value through the queue, so no shared memory outlives a process)."""
+    outputs = {k: v.clone().requires_grad_() for k, v in outputs.items()}
+    loss = obj(outputs, batch)[obj.name]
     loss.backward()
-    return loss.detach(), img.grad, txt.grad, scale.grad
+    return (loss.item(), {k: v.grad.numpy() for k, v in outputs.items()},
+            {k: p.grad.numpy() for k, p in obj.named_parameters()})
 
 
 def _rank(rank, port, queue):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    img, txt = inputs()
-    half = slice(rank * B // 2, (rank + 1) * B // 2)
-    img, txt = img[half].clone().requires_grad_(), txt[half].clone().requires_grad_()
-    scale = torch.tensor([1.7], requires_grad=True)
-    loss = clip_infonce(image_embed=img, text_embed=txt, logit_scale=scale)["clip_infonce"]
-    loss.backward()
-    # DeepSpeed averages parameter gradients over ranks; do the same for the shared scale
-    dist.all_reduce(scale.grad)
-    scale.grad /= 2
-    losses = [torch.zeros(()) for _ in range(2)]
-    dist.all_gather(losses, loss.detach())
-    queue.put((rank, sum(losses) / 2, img.grad, txt.grad, scale.grad))
-    dist.destroy_process_group()
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+        dist.init_process_group("gloo", rank=rank, world_size=RANKS)
+        results = {}
+        for cfg in CONFIGS:
+            obj, outputs, batch = global_inputs(cfg)
+            results[cfg.name] = loss_and_grads(obj, {k: rank_rows(k, v, rank) for k, v in outputs.items()},
+                                               {k: rank_rows(k, v, rank) for k, v in batch.items()})
+        queue.put((rank, results))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, traceback.format_exc()))
 
 
 def test_two_ranks_match_one_process_on_the_global_batch():
+    assert [c.name for c in CONFIGS] == list(OBJECTIVES)  # a new objective must be added here
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(2)]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(RANKS)]
     for p in procs:
         p.start()
-    results = sorted(queue.get() for _ in range(2))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    loss, img_g, txt_g, scale_g = reference()
-    # per-rank losses average to the global loss; each rank's input grads are its rows of
-    # the global gradient scaled by 2 (each rank's loss is a mean over half the rows)
-    assert torch.allclose(results[0][1], loss, rtol=1e-6)
-    got_img = torch.cat([r[2] for r in results]) / 2
-    got_txt = torch.cat([r[3] for r in results]) / 2
-    assert torch.allclose(got_img, img_g, atol=1e-6)
-    assert torch.allclose(got_txt, txt_g, atol=1e-6)
-    assert torch.allclose(results[0][4], scale_g, atol=1e-6)
+    try:
+        per_rank = dict(queue.get(timeout=120) for _ in range(RANKS))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    for rank, got in per_rank.items():
+        assert isinstance(got, dict), f"rank {rank} failed:\n{got}"
+    assert all(p.exitcode == 0 for p in procs)
+
+    for cfg in CONFIGS:
+        loss, input_grads, param_grads = loss_and_grads(*global_inputs(cfg))
+        ranks = [per_rank[r][cfg.name] for r in range(RANKS)]
+        # the mean of the per-rank losses is the global loss
+        assert abs(sum(r[0] for r in ranks) / RANKS - loss) <= 1e-6 * abs(loss), cfg.name
+        # each rank's loss is a mean over 1/RANKS of the rows, so its input gradients are its
+        # rows of the global gradient times RANKS
+        for key, expected in input_grads.items():
+            got = join_ranks(key, [torch.from_numpy(r[1][key]) for r in ranks]) / RANKS
+            assert torch.allclose(got, torch.from_numpy(expected), atol=1e-6), (cfg.name, key)
+        # DeepSpeed averages parameter gradients over ranks
+        for key, expected in param_grads.items():
+            got = sum(torch.from_numpy(r[2][key]) for r in ranks) / RANKS
+            assert torch.allclose(got, torch.from_numpy(expected), atol=1e-6), (cfg.name, key)

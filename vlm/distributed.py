@@ -5,7 +5,9 @@ the backward all-reduces the gradient of the gathered matrix (every rank's loss 
 every row) and keeps this rank's slice. A loss on local rows against global columns
 then costs O(b·B) memory, never O(B²). Written out here rather than through
 torch.distributed.nn's all_gather, which is deprecated in torch 2.13; all_gather and
-all_reduce are the two collectives every backend, gloo included, supports."""
+all_reduce are the two collectives every backend, gloo included, supports.
+`gather_labels` is the gradient-free counterpart for integer per-sample fields (UniCL's
+labels)."""
 from __future__ import annotations
 
 import torch
@@ -41,3 +43,13 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def gather_labels(x: torch.Tensor) -> torch.Tensor:
+    """[b] on each rank (any dtype, b equal on all ranks) -> [W*b], rank-major, no gradient."""
+    _, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)

@@ -1,7 +1,37 @@
-"""Objectives by name. Each is a keyword-only function of model outputs returning a dict of
-named losses; the trainer sums them with the weights from the config."""
-from vlm.objectives.clip_infonce import clip_infonce
+"""Objectives by name, one file each.
 
-OBJECTIVES = {"clip_infonce": clip_infonce}
+Each file holds a pure, keyword-only loss function on this rank's rows (features cross
+ranks only through vlm.distributed), a pydantic config with a `name` literal and a
+`weight`, and an `nn.Module` that owns the objective's parameters (temperature, bias,
+heads). The module is built as `Cls(cfg, *, embed_dim, vision_width)` and called as
+`forward(outputs, batch) -> {name: loss, "name/diagnostic": detached tensor, ...}`; keys
+without "/" are losses, which the trainer sums with the config weights."""
+from __future__ import annotations
 
-__all__ = ["OBJECTIVES", "clip_infonce"]
+from typing import Annotated, Union
+
+from pydantic import Field
+from torch import nn
+
+from vlm.objectives.clip_infonce import ClipInfoNCE, ClipInfoNCEConfig, clip_infonce
+from vlm.objectives.siglip import SigLIP, SigLIPConfig, siglip
+from vlm.objectives.slip_image import SlipImage, SlipImageConfig, slip_image
+from vlm.objectives.unicl import UniCL, UniCLConfig, unicl
+
+OBJECTIVES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (ClipInfoNCE, SigLIP, SlipImage, UniCL)}
+OBJECTIVE_CONFIGS = (ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig)
+# one objective's config, told apart by `name`
+AnyObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="name")]
+
+
+def build_objective(cfg, *, embed_dim: int, vision_width: int) -> nn.Module:
+    """cfg: one of OBJECTIVE_CONFIGS; embed_dim: E of the embeddings; vision_width: W of the
+    image tower's pooled feature (the input of heads such as slip_image's)."""
+    if cfg.name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.name!r}; registered: {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[cfg.name](cfg, embed_dim=embed_dim, vision_width=vision_width)
+
+
+__all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "AnyObjectiveConfig", "build_objective",
+           "ClipInfoNCE", "ClipInfoNCEConfig", "clip_infonce", "SigLIP", "SigLIPConfig", "siglip",
+           "SlipImage", "SlipImageConfig", "slip_image", "UniCL", "UniCLConfig", "unicl"]

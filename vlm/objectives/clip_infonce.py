@@ -2,27 +2,62 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from vlm.distributed import gather_features, world
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps 1/T at 100 for stability
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps 1/T at 100 so logits stay bounded
 
 
-def clip_infonce(*, image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
-                 **_: torch.Tensor) -> dict[str, torch.Tensor]:
-    """image_embed, text_embed: [b, E] L2-normalised local rows; logit_scale: [1] = log(1/T).
+def clip_infonce(*, image_embed: torch.Tensor, text_embed: torch.Tensor,
+                 logit_scale: torch.Tensor) -> torch.Tensor:
+    """Loss of this rank. image_embed, text_embed: [b, E] L2-normalised local rows;
+    logit_scale: [1] = log(1/T), clamped at log(100).
 
-    Each rank scores its own rows against every rank's columns; with equal local batches
-    the mean over ranks equals the loss on the concatenated global batch."""
+    The mean of L_{I→T} and L_{T→I}, CLIP's convention (the survey writes their sum, which
+    is twice this). Each rank scores its own rows against every rank's columns, so with
+    equal local batches the mean over ranks is the loss on the concatenated global batch."""
     rank, _ = world()
     all_image = gather_features(image_embed)
     all_text = gather_features(text_embed)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     b = image_embed.shape[0]
-    labels = torch.arange(b, device=image_embed.device) + rank * b
-    loss_i2t = F.cross_entropy(scale * image_embed @ all_text.T, labels)
-    loss_t2i = F.cross_entropy(scale * text_embed @ all_image.T, labels)
-    return {"clip_infonce": 0.5 * (loss_i2t + loss_t2i)}
+    own = torch.arange(b, device=image_embed.device) + rank * b
+    loss_i2t = F.cross_entropy(scale * image_embed @ all_text.T, own)
+    loss_t2i = F.cross_entropy(scale * text_embed @ all_image.T, own)
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+def logit_scale_parameter(init_temperature: float, learn: bool) -> nn.Parameter:
+    """log(1/T) as a [1] parameter: DeepSpeed cannot broadcast a 0-d parameter."""
+    return nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)), requires_grad=learn)
+
+
+class ClipInfoNCEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: Literal["clip_infonce"] = "clip_infonce"
+    weight: float = Field(1.0, gt=0)
+    # below 0.01 the clamp would pin 1/T at 100 with a zero gradient from the first step
+    init_temperature: float = Field(0.07, ge=0.01)
+    learn_temperature: bool = True
+
+
+class ClipInfoNCE(nn.Module):
+    name = "clip_infonce"
+    batch_coupled = True
+    needs = frozenset({"image_embed", "text_embed"})
+
+    def __init__(self, cfg: ClipInfoNCEConfig, *, embed_dim: int, vision_width: int):
+        super().__init__()
+        self.logit_scale = logit_scale_parameter(cfg.init_temperature, cfg.learn_temperature)
+
+    def forward(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        loss = clip_infonce(image_embed=outputs["image_embed"], text_embed=outputs["text_embed"],
+                            logit_scale=self.logit_scale)
+        temperature = (-self.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE)).exp()[0]
+        return {self.name: loss, f"{self.name}/temperature": temperature}

@@ -284,6 +284,7 @@ def write_url_table(
             "caption": r["caption"],
             "colour": r["colour"],
             "shape": r["shape"],
+            "label": f"{r['colour']} {r['shape']}",
             "split": r["split"],
             "bbox": list(r["bbox"]),
         }
@@ -299,6 +300,7 @@ def write_url_table(
                     "caption": f"broken sample ({hint.replace('_', ' ')})",
                     "colour": None,
                     "shape": None,
+                    "label": None,
                     "split": split,
                     "bbox": None,
                 }
@@ -309,6 +311,7 @@ def write_url_table(
             ("caption", pa.string()),
             ("colour", pa.string()),
             ("shape", pa.string()),
+            ("label", pa.string()),  # the class of the sample, for UniCL-style objectives
             ("split", pa.string()),
             ("bbox", pa.list_(pa.int32())),
         ]

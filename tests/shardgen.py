@@ -29,7 +29,7 @@ def write_shards(out: Path, *, n: int, per_shard: int, split: str = "train", ima
                 buf = io.BytesIO()
                 Image.fromarray(pixels).resize((image_size, image_size)).save(buf, format="JPEG", quality=95)
                 w.write({"__key__": f"{shard_id:05d}{i:05d}", "jpg": buf.getvalue(), "txt": caption,
-                         "json": {"colour": colour, "shape": shape, "index": i}})
+                         "json": {"colour": colour, "shape": shape, "label": f"{colour} {shape}", "index": i}})
         (out / f"{shard_id:05d}_stats.json").write_text(json.dumps({"success": min(n, start + per_shard) - start}))
         paths.append(tar)
     return paths

@@ -38,7 +38,22 @@ def test_unknown_key_inside_list_item():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["objectives=[{name: clip_infonce, wieght: 2}]"])
     assert "objectives.0.wieght: unknown key" in str(e.value)
-    assert "name, weight" in str(e.value)
+    assert "init_temperature, learn_temperature, name, weight" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["objectives=[{name: siglip, head_dim: 3}]"])
+    assert "objectives.0.head_dim: unknown key; allowed keys: init_bias" in str(e.value)
+
+
+def test_unknown_objective_lists_the_registered_ones():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["objectives=[{name: clipp}]"])
+    msg = str(e.value)
+    assert "objectives.0" in msg and "'clip_infonce', 'siglip', 'slip_image', 'unicl'" in msg
+
+
+def test_unicl_needs_labels():
+    with pytest.raises(ConfigError, match="unicl needs labels"):
+        load_config(None, ["objectives=[{name: unicl}]", "data.label_field=null"])
 
 
 def test_overrides_are_typed_and_nested():
@@ -77,3 +92,12 @@ def test_cli_exits_nonzero_with_key_path(capsys, tmp_path):
     assert rc == 2
     err = capsys.readouterr().err
     assert "train.zero_stage" in err and "0, 1, 2 or 3" in err
+
+
+def test_model_preset_is_expanded_and_overridable():
+    cfg = load_config(None, ["model.preset=ViT-B-16", "model.text.context_length=32",
+                             "data.ingest.image_size=224"])
+    assert (cfg.model.vision.patch_size, cfg.model.vision.width, cfg.model.embed_dim) == (16, 768, 512)
+    assert cfg.model.text.context_length == 32 and cfg.model.preset == "ViT-B-16"
+    with pytest.raises(ConfigError, match="model.preset: unknown preset 'ViT-X'; registered: .*ViT-B-16"):
+        load_config(None, ["model.preset=ViT-X"])

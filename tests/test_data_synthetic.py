@@ -117,8 +117,11 @@ def test_write_url_table_with_broken_rows(corpus500, tmp_path):
     n = write_url_table(corpus500, base, str(path), split="heldout", include_broken=True)
     table = pq.read_table(path)
     assert n == table.num_rows == 60 + len(BROKEN_ENDPOINTS)
-    assert table.column_names == ["url", "caption", "colour", "shape", "split", "bbox"]
+    assert table.column_names == ["url", "caption", "colour", "shape", "label", "split", "bbox"]
     rows = table.to_pylist()
+    first = corpus500.split("heldout")[0]
+    assert rows[0]["label"] == f"{first['colour']} {first['shape']}"
+    assert all(r["label"] is None for r in rows[60:])
     assert rows[0]["url"] == "http://127.0.0.1:9/images/heldout/000000.png"
     assert rows[0]["bbox"] == corpus500.split("heldout")[0]["bbox"]
     assert {r["url"].split(":9", 1)[1] for r in rows[60:]} == set(BROKEN_ENDPOINTS.values())

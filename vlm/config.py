@@ -15,20 +15,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from data_pipeline.config import CorpusConfig, IngestConfig
 from data_pipeline.reader import ReaderConfig
 from vlm.models.config import ModelConfig
+from vlm.objectives import AnyObjectiveConfig, ClipInfoNCEConfig
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class AugmentConfig(Strict):
+    """Two-view augmentation for image–image objectives (applied by vlm.augment)."""
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0, lt=1)
+
+
 class TokenizerConfig(Strict):
     vocab_size: int = Field(1000, ge=64)
     min_frequency: int = Field(2, ge=1)
-
-
-class ObjectiveConfig(Strict):
-    name: Literal["clip_infonce"] = "clip_infonce"
-    weight: float = Field(1.0, gt=0)
 
 
 class OptimConfig(Strict):
@@ -73,6 +78,8 @@ class DataConfig(Strict):
     corpus: CorpusConfig = CorpusConfig()
     ingest: IngestConfig = IngestConfig()
     reader: ReaderConfig = ReaderConfig()
+    label_field: str | None = "label"  # sample metadata field holding the class (UniCL); None = no labels
+    augment: AugmentConfig = AugmentConfig()  # the two views of image–image objectives
     train_shards: str = "{run_dir}/shards/train"
     eval_shards: str = "{run_dir}/shards/heldout"
 
@@ -83,7 +90,7 @@ class RunConfig(Strict):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
-    objectives: list[ObjectiveConfig] = Field(default_factory=lambda: [ObjectiveConfig()], min_length=1)
+    objectives: list[AnyObjectiveConfig] = Field(default_factory=lambda: [ClipInfoNCEConfig()], min_length=1)
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -95,6 +102,8 @@ class RunConfig(Strict):
             raise ValueError(
                 f"data.ingest.image_size ({self.data.ingest.image_size}) must equal "
                 f"model.vision.image_size ({self.model.vision.image_size})")
+        if any(o.name == "unicl" for o in self.objectives) and not self.data.label_field:
+            raise ValueError("objective unicl needs labels: set data.label_field to the metadata field holding them")
         return self
 
     def path(self, template: str) -> str:
@@ -105,31 +114,46 @@ class ConfigError(ValueError):
     """A config problem; the message names the key path and what is allowed."""
 
 
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
-    """Field names of the model at `loc`'s parent, to list next to an unknown key."""
-    cls: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The pydantic models an annotation can hold (through list[...], Union, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in getattr(annotation, "__args__", ()) or ():
+        out.extend(_models_in(arg))
+    return list(dict.fromkeys(out))  # Annotated exposes its type twice
+
+
+def _walk(model: type[BaseModel], loc: tuple) -> tuple[list[str], list[type[BaseModel]] | None]:
+    """Follows an error location through the tree. Returns the path as the user wrote it
+    (discriminated unions add their tag to pydantic's location, e.g. objectives.0.siglip;
+    it is dropped here) and the models that can hold the last key (None if unknown)."""
+    candidates: list[type[BaseModel]] | None = [model]
+    shown: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int) or candidates is None:
+            shown.append(str(part))
             continue
-        field = getattr(cls, "model_fields", {}).get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        for candidate in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                cls = candidate
-                break
-        else:
-            return None
-    return sorted(getattr(cls, "model_fields", {}))
+        by_tag = [c for c in candidates if getattr(c.model_fields.get("name"), "default", None) == part]
+        if by_tag and len(candidates) > 1:
+            candidates = by_tag
+            continue
+        shown.append(str(part))
+        if i == len(loc) - 1:
+            break
+        field = next((c.model_fields[part] for c in candidates if part in c.model_fields), None)
+        candidates = _models_in(field.annotation) if field is not None else None
+        candidates = candidates or None
+    return shown, candidates
 
 
 def format_validation_error(err: ValidationError, root: type[BaseModel] = RunConfig) -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        shown, holders = _walk(root, tuple(e["loc"]))
+        path = ".".join(shown) or "(root)"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(root, e["loc"])
+            allowed = sorted(holders[0].model_fields) if holders and len(holders) == 1 else None
             hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
             lines.append(f"  {path}: unknown key{hint}")
         else:
@@ -160,6 +184,28 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _expand_model_preset(tree: dict) -> dict:
+    """`model: {preset: ViT-B-16, ...}` starts from the registered preset; keys written
+    beside it override the preset's."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return tree
+    from vlm.models.registry import list_presets, preset_dict
+
+    name = model["preset"]
+    if name not in list_presets():
+        raise ConfigError(f"invalid config:\n  model.preset: unknown preset {name!r}; "
+                          f"registered: {', '.join(list_presets())}")
+    return {**tree, "model": _deep_merge(preset_dict(name), model)}
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
     """YAML file (or the embedded defaults when None) + overrides -> validated RunConfig."""
     tree: dict = {}
@@ -174,6 +220,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     tree = apply_overrides(tree, list(overrides))
+    tree = _expand_model_preset(tree)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:

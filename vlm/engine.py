@@ -23,9 +23,11 @@ from vlm.config import RunConfig, dump_config
 from vlm.data import BatchLoader
 from vlm.metrics import TrainMetrics
 from vlm.models import build_clip
-from vlm.objectives import OBJECTIVES
+from vlm.objectives import build_objective
+from vlm.pretrain import Pretrainer
 from vlm.tokenizer import TextEncoder
 
+NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "positional_embedding")
 TOKENIZER_FILE = "tokenizer.json"
 TRAIN_LOG = "train_log.jsonl"
 
@@ -43,12 +45,13 @@ def lr_lambda(cfg) -> callable:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, embeddings' positions, the class token and temperature."""
+    """No weight decay on norms, biases, positional embeddings, the class token, and the
+    objectives' temperatures and logit biases."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or "logit_scale" in name or "pos_embed" in name or "cls_token" in name
+        skip = p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -86,6 +89,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
+    model = build_clip(cfg.model, vocab_size)
+    pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
+    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim)
+                  for o in cfg.objectives]
+    return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
+
+
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank."""
     import deepspeed  # imported late: it inspects the accelerator at import time
@@ -102,7 +113,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     tokenizer_json = tok_path.read_text()
     text = TextEncoder.from_json(tokenizer_json, cfg.model.text.context_length)
 
-    model = build_clip(cfg.model, text.vocab_size)
+    model = build_pretrainer(cfg, text.vocab_size)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -113,7 +124,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     reader = ShardReader(shards, rank=rank, world_size=world_size, seed=cfg.train.seed,
                          shuffle_block=cfg.data.reader.shuffle_block)
     loader = BatchLoader(reader, text, batch_size=cfg.train.micro_batch_size,
-                         image_size=cfg.model.vision.image_size)
+                         image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
+                         views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed)
 
     step, samples_seen = 0, 0
     if resume:
@@ -129,11 +141,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
 
-    objectives = [(o.name, o.weight, OBJECTIVES[o.name]) for o in cfg.objectives]
     metrics = None
     if cfg.metrics.enabled:
         metrics = TrainMetrics(run=cfg.name, rank=rank, host=cfg.metrics.host, port=cfg.metrics.port,
-                               objectives=[name for name, _, _ in objectives])
+                               objectives=[o.name for o in cfg.objectives])
         metrics.write_endpoint(str(run_dir), rank)
         print(f"rank {rank}: Prometheus metrics at {metrics.url}", flush=True)
 
@@ -156,20 +167,15 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             wait = 0.0
-            losses = {}
             for _ in range(cfg.train.grad_accum_steps):
                 batch = loader.next_batch()
                 wait += loader.last_wait_s
                 batch = {k: v.to(device) for k, v in batch.items()}
-                out = engine(batch["images"], batch["tokens"], batch["eot_index"])
-                total = 0.0
-                for name, weight, fn in objectives:
-                    for k, v in fn(**out).items():
-                        losses[k] = v.detach()
-                        total = total + weight * v
-                losses["total"] = total.detach()
-                engine.backward(total)
+                out = engine(batch)
+                engine.backward(out["loss"])
                 engine.step()
+            losses = {("total" if k == "loss" else k): v.detach() for k, v in out.items() if "/" not in k}
+            diagnostics = {k: float(v) for k, v in out.items() if "/" in k}
             step += 1
             samples_seen += global_batch
             dt = time.perf_counter() - t0
@@ -182,10 +188,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
                 metrics.wait_s.observe(wait)
                 metrics.throughput.set(global_batch / dt)
                 for k, v in losses.items():
-                    metrics.loss[k].set(float(v))
+                    metrics.set_loss(k, float(v))
             if log and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 rec = {"step": step, "samples": samples_seen, "lr": lr, "step_s": dt, "data_wait_s": wait,
-                       "samples_per_s": global_batch / dt, "temperature": float(1 / out["logit_scale"].detach().exp()),
+                       "samples_per_s": global_batch / dt, **diagnostics,
                        **{f"loss/{k}": float(v) for k, v in losses.items()}}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()

@@ -14,6 +14,7 @@ from vlm import checkpoint
 from vlm.config import RunConfig, config_from_dict
 from vlm.data import decode_image
 from vlm.models import CLIP, build_clip
+from vlm.pretrain import model_state_from_pretrainer
 from vlm.tokenizer import TextEncoder
 
 
@@ -66,7 +67,7 @@ def load_eval_model(path: str) -> tuple[CLIP, TextEncoder, RunConfig]:
     cfg = config_from_dict(state["config"])
     text = TextEncoder.from_json(state["tokenizer"], cfg.model.text.context_length)
     model = build_clip(cfg.model, text.vocab_size)
-    model.load_state_dict(checkpoint.load_module_weights(ckpt))
+    model.load_state_dict(model_state_from_pretrainer(checkpoint.load_module_weights(ckpt)))
     return model.eval(), text, cfg
 
 

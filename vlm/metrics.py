@@ -44,7 +44,9 @@ class TrainMetrics:
         self.samples, self.steps, self.lr = self._samples.labels(*lv), self._steps.labels(*lv), self._lr.labels(*lv)
         self.step_s, self.wait_s, self.ckpt_s = self._step_s.labels(*lv), self._wait_s.labels(*lv), self._ckpt_s.labels(*lv)
         self.throughput = self._throughput.labels(*lv)
-        self.loss = {name: self._loss.labels(*lv, name) for name in [*objectives, "total"]}
+        self._lv = lv
+        for name in [*objectives, "total"]:  # present from the first scrape, before step 1
+            self._loss.labels(*lv, name)
         self.server = None
         self.url = None
         if port == 0 or not _port_free(host, port + rank):
@@ -53,6 +55,9 @@ class TrainMetrics:
             port_for_rank = port + rank
         self.server, _ = start_http_server(port_for_rank, addr=host, registry=self.registry)
         self.url = f"http://{host}:{self.server.server_port}/metrics"
+
+    def set_loss(self, name: str, value: float) -> None:
+        self._loss.labels(*self._lv, name).set(value)
 
     def write_endpoint(self, run_dir: str, rank: int) -> str:
         """Records where this rank serves, so scrapers and tests can find it."""

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.cli import main
 
-SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["train"], ["eval"]]
+SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"]]
 
 
 def test_console_script_help():

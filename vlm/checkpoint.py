@@ -85,13 +85,19 @@ def save(engine, run_dir: str, *, step: int, shared_state: dict, rank_state: dic
         _atomic_write(root / tag / TRAINER_STATE, buf)
     _barrier()
     if rank == 0:
-        files = sorted(p for p in (root / tag).rglob("*") if p.is_file() and p.name != MANIFEST)
-        manifest = {"tag": tag, "step": step, "files": {
-            str(p.relative_to(root / tag)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-        _atomic_write(root / tag / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_manifest(root / tag, step)
         _atomic_write(root / "latest", tag.encode())
     _barrier()
     return root / tag
+
+
+def write_manifest(ckpt: Path, step: int) -> None:
+    """Sizes and sha256 of every file in `ckpt`, written last: its presence marks the
+    checkpoint complete."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"tag": ckpt.name, "step": step, "files": {
+        str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    _atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def _to_bytes(obj) -> bytes:
@@ -101,21 +107,60 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def resolve(path: str, tag: str = "latest") -> Path:
-    """A run dir (+ tag, 'latest' by default) or a checkpoint dir -> a complete checkpoint dir."""
+def complete_tags(root: Path) -> list[Path]:
+    """Checkpoint dirs under `root` that have a manifest, newest step first."""
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and (d / MANIFEST).is_file()]
+    return sorted(dirs, key=lambda d: json.loads((d / MANIFEST).read_text())["step"], reverse=True)
+
+
+def resolve(path: str, tag: str = "latest", *, verify_files: bool = False, warn=print) -> Path:
+    """A run dir (+ tag, 'latest' by default) or a checkpoint dir -> a complete checkpoint dir.
+
+    With verify_files, every file is checked against the manifest; when the newest
+    checkpoint is truncated or corrupt, 'latest' falls back to the newest one that is
+    whole, and `warn` is told which file was bad."""
     p = Path(path)
     if (p / MANIFEST).is_file():
+        if verify_files:
+            verify(p)
         return p
     root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if tag == "latest":
-        latest = root / "latest"
-        if not latest.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume: {latest} does not exist")
-        tag = latest.read_text().strip()
-    ckpt = root / tag
-    if not (ckpt / MANIFEST).is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} is incomplete or missing (no {MANIFEST})")
-    return ckpt
+    if tag != "latest":
+        ckpt = root / tag
+        if not (ckpt / MANIFEST).is_file():
+            raise FileNotFoundError(f"checkpoint {ckpt} is incomplete or missing (no {MANIFEST})")
+        if verify_files:
+            verify(ckpt)
+        return ckpt
+    latest = root / "latest"
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    candidates = ([named] if named is not None else []) + [d for d in complete_tags(root) if d != named]
+    for ckpt in candidates:
+        try:
+            if not (ckpt / MANIFEST).is_file():
+                raise ValueError(f"checkpoint {ckpt} is incomplete: no {MANIFEST}")
+            if verify_files:
+                verify(ckpt)
+            return ckpt
+        except ValueError as e:
+            warn(f"warning: {e}; trying the previous checkpoint")
+    raise FileNotFoundError(f"no complete checkpoint to resume under {root}")
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Deletes all but the `keep` newest complete checkpoints (0 keeps all); returns them.
+    Incomplete dirs are left alone: one may be a save in progress."""
+    import shutil
+
+    if keep <= 0:
+        return []
+    doomed = complete_tags(root)[keep:]
+    for d in doomed:
+        (d / MANIFEST).unlink()  # first, so a half-deleted dir never looks complete
+        shutil.rmtree(d)
+    return doomed
 
 
 def verify(ckpt: Path) -> None:
@@ -132,8 +177,8 @@ def load_trainer_state(ckpt: Path) -> dict:
 
 
 def load(engine, ckpt: Path) -> dict:
-    """Collective: restores DeepSpeed's state and returns the trainer state."""
-    verify(ckpt)
+    """Collective: restores DeepSpeed's state and returns the trainer state (verify the
+    files first: resolve(..., verify_files=True))."""
     load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt}")

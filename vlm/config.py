@@ -54,6 +54,7 @@ class TrainConfig(Strict):
     steps: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(3, ge=0)  # newest complete ones kept; 0 keeps all
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"

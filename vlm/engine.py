@@ -129,7 +129,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
 
     step, samples_seen = 0, 0
     if resume:
-        ckpt = checkpoint.resolve(str(run_dir), resume)
+        ckpt = checkpoint.resolve(str(run_dir), resume, verify_files=True,
+                                  warn=lambda m: print(m, flush=True) if rank == 0 else None)
         state = checkpoint.load(engine, ckpt)
         mine = state["ranks"][rank]
         loader.load_state_dict(mine["reader"])
@@ -158,6 +159,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
             metrics.ckpt_s.observe(time.perf_counter() - t0)
         if rank == 0:
             print(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)", flush=True)
+            for old in checkpoint.prune(path.parent, cfg.train.keep_checkpoints):
+                print(f"removed old checkpoint {old}", flush=True)
 
     device = engine.device
     log = open(run_dir / TRAIN_LOG, "a") if rank == 0 else None

@@ -157,6 +157,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
 
 def render_image(rng: np.random.Generator, colour: str, shape: str, size: int):
     """Draw one image; returns (uint8 array [H, W, 3], bbox [x0, y0, x1, y1], background tone)."""
+    pixels, bbox, tone, _ = render_image_and_mask(rng, colour, shape, size)
+    return pixels, bbox, tone
+
+
+def render_image_and_mask(rng: np.random.Generator, colour: str, shape: str, size: int):
+    """As render_image, plus the shape's exact mask (bool [H, W]) drawn with the same geometry.
+
+    Draws the same random numbers as render_image, so the image is byte-identical."""
     bg, tone = _background(rng, size)
     side = int(round(size * rng.uniform(0.35, 0.70)))
     x0 = int(rng.integers(0, size - side + 1))
@@ -165,10 +173,13 @@ def render_image(rng: np.random.Generator, colour: str, shape: str, size: int):
     canvas = Image.fromarray(bg.astype(np.uint8))
     jitter = rng.integers(-20, 21, size=3)
     rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + jitter, 0, 255))
-    _draw_shape(ImageDraw.Draw(canvas), shape, tuple(bbox), rgb, float(rng.uniform(-0.3, 0.3)))
+    angle = float(rng.uniform(-0.3, 0.3))
+    _draw_shape(ImageDraw.Draw(canvas), shape, tuple(bbox), rgb, angle)
+    mask = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(mask), shape, tuple(bbox), 255, angle)
     pixels = np.asarray(canvas, dtype=np.float32)
     pixels += rng.normal(0.0, 6.0, size=pixels.shape).astype(np.float32)
-    return np.clip(pixels, 0, 255).astype(np.uint8), bbox, tone
+    return np.clip(pixels, 0, 255).astype(np.uint8), bbox, tone, np.asarray(mask) > 0
 
 
 def _pick(rng: np.random.Generator, base: str, synonyms: tuple[str, ...]) -> str:
@@ -222,9 +233,13 @@ def make_caption(
     return _TEMPLATES[idx].format(**fields), idx
 
 
-def _sample(seed: int, split: str, index: int, pairs, size: int) -> tuple[bytes, dict]:
+def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     # One generator per image: the corpus is the same whatever order images are made in.
-    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+    return np.random.default_rng([seed, _SPLIT_IDS[split], index])
+
+
+def _sample(seed: int, split: str, index: int, pairs, size: int) -> tuple[bytes, dict]:
+    rng = _sample_rng(seed, split, index)
     colour, shape = pairs[int(rng.integers(len(pairs)))]
     pixels, bbox, tone = render_image(rng, colour, shape, size)
     caption, template = make_caption(rng, colour, shape, bbox, size, tone)
@@ -256,6 +271,37 @@ def generate_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> Corpus:
             (root / record["path"]).write_bytes(data)
             records.append(record)
     return Corpus(root=root, records=records, cfg=cfg)
+
+
+def render_mask(corpus: Corpus, record: dict) -> np.ndarray:
+    """The exact mask (bool [H, W], True on the shape) of one of ``corpus``'s records,
+    re-drawn from the record's own generator (the star's rotation is not in the record)."""
+    split, name = record["path"].split("/")[-2:]
+    index = int(name.split(".")[0])
+    pairs = train_pairs() if split == "train" else heldout_pairs()
+    rng = _sample_rng(corpus.cfg.seed, split, index)
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    *_, mask = render_image_and_mask(rng, colour, shape, corpus.cfg.image_size)
+    return mask
+
+
+def write_mask_table(corpus: Corpus, split: str = "heldout") -> Path:
+    """Writes ``masks/{split}/{index}.png`` (255 on the shape, 0 elsewhere) and
+    ``{split}_eval.csv`` (path, caption, label, mask; paths relative to the corpus root):
+    an evaluation set that `vlm eval --task dense` (and every other task) reads."""
+    import csv
+
+    root = corpus.root
+    (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+    table = root / f"{split}_eval.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "caption", "label", "mask"])
+        for record in corpus.split(split):
+            mask_path = record["path"].replace("images/", "masks/", 1)
+            Image.fromarray(render_mask(corpus, record).astype(np.uint8) * 255).save(root / mask_path)
+            writer.writerow([record["path"], record["caption"], f"{record['colour']} {record['shape']}", mask_path])
+    return table
 
 
 def write_url_table(

@@ -67,12 +67,26 @@ class MetricsConfig(Strict):
 
 
 class EvalConfig(Strict):
-    label_template: str = "{colour} {shape}"
+    """Evaluation (vlm/evaluate.py): `vlm eval`, and every `every_steps` during training."""
+    label_template: str = "{colour} {shape}"  # class name from shard metadata
     prompt_templates: list[str] = Field(default_factory=lambda: [
         "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} on a plain background.",
     ], min_length=1)
     recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     batch_size: int = Field(256, ge=1)
+    # empty = every task the data supports (labels, captions, masks)
+    tasks: list[Literal["zeroshot", "retrieval", "linear-probe", "dense"]] = Field(default_factory=list)
+    every_steps: int = Field(0, ge=0)  # periodic evaluation during training; 0 = off
+    # linear probe: features, the inverse-regularisation sweep, the cap on training samples
+    probe_features: Literal["embed", "pooled"] = "embed"
+    probe_c_grid: list[float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0],
+                                      min_length=1)
+    probe_max_train: int = Field(2000, ge=2)
+    # zero-shot dense prediction: MaskCLIP value features or plain patch tokens; the background class
+    dense_features: Literal["maskclip", "tokens"] = "maskclip"
+    background_prompts: list[str] = Field(default_factory=lambda: [
+        "a photo of a plain background.", "a plain background.", "an empty background.",
+    ], min_length=1)
 
 
 class DataConfig(Strict):

@@ -1,21 +1,48 @@
-"""Zero-shot classification and image–text retrieval (survey 2.3.1).
+"""Evaluation of a CLIP checkpoint (survey 2.3): zero-shot classification, image–text
+retrieval, linear probe and zero-shot dense prediction — after training (`vlm eval`) and
+periodically during it (`evaluate_distributed`, every `eval.every_steps`).
 
-Result keys follow CLIP_benchmark where they overlap: acc1, acc5, mean_per_class_recall,
-image_retrieval_recall@k (text -> image) and text_retrieval_recall@k (image -> text)."""
+Data formats: vlm/eval_data.py. Result keys follow CLIP_benchmark where they overlap:
+acc1, acc5, mean_per_class_recall, image_retrieval_recall@k (text -> image) and
+text_retrieval_recall@k (image -> text); plus linear_probe_acc1 and dense_miou.
+
+Protocols:
+- zero-shot: a class embedding is the mean of its normalised prompt embeddings
+  (eval.prompt_templates), renormalised; classes are the dataset's labels.
+- linear probe: features are eval.probe_features ("embed": the normalised image embedding
+  the zero-shot classifier also uses, so the two compare one linear head against another;
+  "pooled": the class token before the projection, as in the CLIP paper). Without
+  `probe_train`, the evaluation set is cut per class into alternate halves, probe-train and
+  probe-test, and zero-shot accuracy on the same probe-test images is reported beside the
+  probe (on the demo the held-out classes never occur in the training shards, so a probe
+  trained there could not name them). With `probe_train` (a dataset), at most
+  eval.probe_max_train of its items, evenly spaced, train the probe and the whole
+  evaluation set tests it.
+- dense: vlm/dense.py (MaskCLIP features); classes are background
+  (eval.background_prompts) plus the dataset's labels; each item's mask marks its own
+  class; mIoU is over the classes present in the ground truth, background included.
+"""
 from __future__ import annotations
 
+import json
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.reader import iter_tar_samples, list_shards
 from vlm import checkpoint
-from vlm.config import RunConfig, config_from_dict
-from vlm.data import decode_image
+from vlm.config import EvalConfig, RunConfig, config_from_dict
+from vlm.dense import confusion, miou, patch_features, predict_mask
+from vlm.eval_data import EvalItem, iter_items, load_image, load_mask
+from vlm.linear_probe import evenly_spaced, linear_probe, stratified_halves
 from vlm.models import CLIP, build_clip
 from vlm.pretrain import model_state_from_pretrainer
 from vlm.tokenizer import TextEncoder
+
+TASKS = ("zeroshot", "retrieval", "linear-probe", "dense")
+EVAL_LOG = "eval_log.jsonl"
 
 
 def zeroshot_metrics(image_embed: torch.Tensor, labels: torch.Tensor, class_embed: torch.Tensor) -> dict:
@@ -72,34 +99,6 @@ def load_eval_model(path: str) -> tuple[CLIP, TextEncoder, RunConfig]:
 
 
 @torch.no_grad()
-def embed_shards(model: CLIP, text: TextEncoder, shards_dir: str, *, image_size: int,
-                 label_template: str, batch_size: int) -> dict:
-    images, captions, labels = [], [], []
-    image_chunks, text_chunks = [], []
-
-    def flush():
-        if images:
-            image_chunks.append(model.encode_image(torch.stack(images)))
-            text_chunks.append(model.encode_text(*text(captions)))
-            images.clear(), captions.clear()
-
-    for shard in list_shards(shards_dir):
-        for sample in iter_tar_samples(shard):
-            images.append(decode_image(sample, image_size))
-            captions.append(sample.get("txt", ""))
-            meta = sample.get("json", {})
-            try:
-                labels.append(label_template.format(**meta))
-            except KeyError as e:
-                raise ValueError(f"eval.label_template {label_template!r} needs metadata field {e} "
-                                 f"missing from sample {sample['__key__']} in {shard}") from None
-            if len(images) == batch_size:
-                flush()
-    flush()
-    return {"image": torch.cat(image_chunks), "text": torch.cat(text_chunks), "labels": labels}
-
-
-@torch.no_grad()
 def class_embeddings(model: CLIP, text: TextEncoder, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """Each class: mean of its normalised prompt embeddings, renormalised -> [C, E]."""
     out = []
@@ -109,38 +108,247 @@ def class_embeddings(model: CLIP, text: TextEncoder, classnames: list[str], temp
     return torch.stack(out)
 
 
-def evaluate(path: str, shards_dir: str, *, tasks: tuple[str, ...] = ("zeroshot", "retrieval"),
-             cfg_override: RunConfig | None = None) -> dict:
-    model, text, cfg = load_eval_model(path)
-    ev = (cfg_override or cfg).eval
-    data = embed_shards(model, text, shards_dir, image_size=cfg.model.vision.image_size,
-                        label_template=ev.label_template, batch_size=ev.batch_size)
-    results: dict = {"checkpoint": str(checkpoint.resolve(path)), "dataset": shards_dir,
-                     "num_images": len(data["labels"])}
+
+def _prompt_embedding(model: CLIP, text: TextEncoder, prompts: list[str]) -> torch.Tensor:
+    """Full sentences (no class slot) -> their mean normalised embedding, renormalised [E]."""
+    return F.normalize(model.encode_text(*text(prompts)).mean(0), dim=-1)
+
+
+def resolve_tasks(requested, index: list[EvalItem], data: str) -> tuple[str, ...]:
+    """Requested tasks (empty = every task the data supports) -> the tasks to run.
+    A requested task the data cannot support is an error naming the item that lacks it."""
+    missing = {
+        "zeroshot": next((i for i in index if i.label is None), None),
+        "linear-probe": next((i for i in index if i.label is None), None),
+        "retrieval": next((i for i in index if not i.captions), None),
+        "dense": next((i for i in index if i.label is None or not i.has_mask), None),
+    }
+    if not requested:
+        tasks = tuple(t for t in TASKS if missing[t] is None)
+        if not tasks:
+            raise ValueError(f"{data}: supports no evaluation task (items need labels or captions)")
+        return tasks
+    for task in requested:
+        item = missing[task]
+        if item is None:
+            continue
+        need = {"retrieval": "a caption", "dense": "a label and a mask"}.get(task, "a label")
+        if task == "retrieval":
+            reason = f"{item.origin} has no caption"
+        elif item.label is None:
+            reason = item.label_error or f"{item.origin} has no label"
+        else:
+            reason = f"{item.origin} has no mask"
+        raise ValueError(f"{data}: task {task} needs {need} for every item: {reason}")
+    return tuple(t for t in TASKS if t in requested)
+
+
+@torch.no_grad()
+def embed_share(model: CLIP, text: TextEncoder, data: str, indices: list[int], *, ev: EvalConfig,
+                image_size: int, rank: int = 0, world_size: int = 1, captions: bool = True,
+                dense_embed: torch.Tensor | None = None, dense_class: dict[str, int] | None = None) -> dict:
+    """Embeds this rank's share (every world_size-th of ``indices``, from position rank).
+
+    Returns {"index": [n] item indices, "image": [n, E], "pooled": [n, W], "text": [T, E],
+    "text_item": [T] item index of each caption, "confusion": [K, K] or None}; with
+    ``dense_embed`` ([K, E], row 0 the background) each item's mask is scored."""
+    mine = set(indices[rank::world_size])
+    out = {k: [] for k in ("index", "image", "pooled", "text", "text_item")}
+    conf = None if dense_embed is None else torch.zeros(len(dense_embed), len(dense_embed), dtype=torch.long)
+    batch: list[EvalItem] = []
+    batch_index: list[int] = []
+
+    def flush():
+        nonlocal conf
+        images = torch.stack([load_image(item, image_size) for item in batch])
+        visual = model.visual(images)
+        out["image"].append(F.normalize(visual["embed"], dim=-1))
+        out["pooled"].append(visual["pooled"])
+        out["index"].append(torch.tensor(batch_index))
+        texts = [(i, c) for i, item in zip(batch_index, batch) for c in (item.captions if captions else [])]
+        if texts:
+            out["text"].append(model.encode_text(*text([c for _, c in texts])))
+            out["text_item"].append(torch.tensor([i for i, _ in texts]))
+        if dense_embed is not None:
+            feats = patch_features(model.visual, images, ev.dense_features)
+            for item, f in zip(batch, feats):
+                mask = load_mask(item)
+                target = mask.long() * (1 + dense_class[item.label])
+                conf += confusion(predict_mask(f, dense_embed, tuple(mask.shape)), target, len(dense_embed))
+        batch.clear(), batch_index.clear()
+
+    for i, item in enumerate(iter_items(data, label_template=ev.label_template)):
+        if i in mine:
+            batch.append(item), batch_index.append(i)
+            if len(batch) == ev.batch_size:
+                flush()
+    if batch:
+        flush()
+    # a rank with nothing to embed sends 1-D empties, which torch.cat skips
+    share = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long if k in ("index", "text_item") else None)
+             for k, v in out.items()}
+    share["confusion"] = conf
+    return share
+
+
+def _gather(share: dict, world_size: int) -> dict:
+    """Every rank's share -> the whole set in item order, identical on every rank."""
+    if world_size == 1:
+        parts = [share]
+    else:
+        import torch.distributed as dist
+
+        parts = [None] * world_size
+        dist.all_gather_object(parts, share)
+    index = torch.cat([p["index"] for p in parts])
+    order = index.argsort()
+    text_item = torch.cat([p["text_item"] for p in parts])
+    text_order = text_item.argsort(stable=True)  # each rank's captions are already in item order
+    out = {"index": index[order], "image": torch.cat([p["image"] for p in parts])[order],
+           "pooled": torch.cat([p["pooled"] for p in parts])[order],
+           "text": torch.cat([p["text"] for p in parts])[text_order], "text_item": text_item[text_order],
+           "confusion": None}
+    if share["confusion"] is not None:
+        out["confusion"] = sum(p["confusion"] for p in parts)
+    return out
+
+
+def _probe(ev: EvalConfig, feats: dict, labels: list[str], class_embed: torch.Tensor, classes: list[str],
+           probe_feats: dict | None, probe_labels: list[str] | None) -> dict:
+    key = "image" if ev.probe_features == "embed" else "pooled"
+    if probe_feats is None:
+        train, test = stratified_halves(labels)
+        train = [train[i] for i in evenly_spaced(len(train), ev.probe_max_train)]
+        train_x, train_y = feats[key][train], [labels[i] for i in train]
+        split = "alternate halves of each class of the evaluation set"
+    else:
+        test = list(range(len(labels)))
+        train_x, train_y = probe_feats[key], probe_labels
+        split = "probe-train dataset; the whole evaluation set tests"
+    res = linear_probe(train_x, train_y, feats[key][test], [labels[i] for i in test], c_grid=ev.probe_c_grid)
+    index = {c: i for i, c in enumerate(classes)}
+    zs = zeroshot_metrics(feats["image"][test], torch.tensor([index[labels[i]] for i in test]), class_embed)
+    return {**res, "zeroshot_acc1": zs["acc1"], "features": ev.probe_features, "split": split}
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: CLIP, text: TextEncoder, ev: EvalConfig, data: str, *, image_size: int,
+                   tasks=None, probe_train: str | None = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Evaluates ``model`` on ``data`` (a shard dir, an image folder or a CSV).
+
+    With world_size > 1 (torch.distributed initialised) each rank embeds every
+    world_size-th item and the features are all-gathered, so every rank returns the same
+    results as one process would. ``tasks``: empty/None = every task the data supports."""
+    index = list(iter_items(data, label_template=ev.label_template, payload=False))
+    tasks = resolve_tasks(tasks or ev.tasks, index, data)
+    labels = [item.label for item in index]
+    results: dict = {"dataset": str(data), "num_images": len(index), "tasks": list(tasks)}
+    with _eval_mode(model), torch.no_grad():
+        classes, class_embed, dense_embed = [], None, None
+        if {"zeroshot", "linear-probe", "dense"} & set(tasks):
+            classes = sorted(set(labels))
+            class_embed = class_embeddings(model, text, classes, ev.prompt_templates)
+        if "dense" in tasks:
+            dense_embed = torch.cat([_prompt_embedding(model, text, ev.background_prompts)[None], class_embed])
+        share = embed_share(model, text, data, list(range(len(index))), ev=ev, image_size=image_size, rank=rank,
+                            world_size=world_size, captions="retrieval" in tasks, dense_embed=dense_embed,
+                            dense_class={c: i for i, c in enumerate(classes)})
+        feats = _gather(share, world_size)
+        probe_feats = probe_labels = None
+        if "linear-probe" in tasks and probe_train is not None:
+            probe_index = list(iter_items(probe_train, label_template=ev.label_template, payload=False))
+            if any(item.label is None for item in probe_index):
+                bad = next(item for item in probe_index if item.label is None)
+                raise ValueError(f"--probe-train needs a label for every item: {bad.label_error or bad.origin}")
+            chosen = evenly_spaced(len(probe_index), ev.probe_max_train)
+            probe_feats = _gather(embed_share(model, text, probe_train, chosen, ev=ev, image_size=image_size,
+                                              rank=rank, world_size=world_size, captions=False), world_size)
+            probe_labels = [probe_index[i].label for i in probe_feats["index"].tolist()]
+            results["probe_train"] = str(probe_train)
     if "zeroshot" in tasks:
-        classes = sorted(set(data["labels"]))
-        index = {c: i for i, c in enumerate(classes)}
-        labels = torch.tensor([index[c] for c in data["labels"]])
-        zs = zeroshot_metrics(data["image"], labels, class_embeddings(model, text, classes, ev.prompt_templates))
+        index_of = {c: i for i, c in enumerate(classes)}
+        zs = zeroshot_metrics(feats["image"], torch.tensor([index_of[c] for c in labels]), class_embed)
         results["zeroshot"] = {**zs, "classnames": classes}
     if "retrieval" in tasks:
-        n = data["image"].shape[0]
-        results["retrieval"] = retrieval_metrics(data["image"], data["text"], torch.arange(n), ev.recall_at)
+        results["retrieval"] = {**retrieval_metrics(feats["image"], feats["text"], feats["text_item"], ev.recall_at),
+                                "num_captions": int(feats["text"].shape[0])}
+    if "linear-probe" in tasks:
+        results["linear_probe"] = _probe(ev, feats, labels, class_embed, classes, probe_feats, probe_labels)
+    if "dense" in tasks:
+        results["dense"] = {**miou(feats["confusion"]), "classnames": ["background", *classes],
+                            "features": ev.dense_features, "background_in_mean": True}
     return results
+
+
+def evaluate(path: str, data: str, *, tasks=None, probe_train: str | None = None,
+             cfg_override: RunConfig | None = None) -> dict:
+    """`vlm eval`: a run or checkpoint dir, evaluated on ``data`` in one process."""
+    model, text, cfg = load_eval_model(path)
+    results = evaluate_model(model, text, (cfg_override or cfg).eval, data, image_size=cfg.model.vision.image_size,
+                             tasks=tasks, probe_train=probe_train)
+    return {"checkpoint": str(checkpoint.resolve(path)), **results}
+
+
+def evaluate_distributed(model: CLIP, text: TextEncoder, cfg: RunConfig, data: str | None = None, *,
+                         rank: int, world_size: int, tasks=None) -> dict:
+    """Periodic evaluation from the training loop: call on EVERY rank (a collective) with the
+    bare CLIP (not the DeepSpeed engine). Each rank embeds 1/world_size of ``data`` (default
+    the run's data.eval_shards); all ranks return the same results, equal to one process's.
+    The model is put in eval mode and back. Tasks: ``tasks`` or eval.tasks, or all the data
+    supports."""
+    data = data or cfg.path(cfg.data.eval_shards)
+    return evaluate_model(model, text, cfg.eval, data, image_size=cfg.model.vision.image_size, tasks=tasks,
+                          rank=rank, world_size=world_size)
+
+
+def append_eval_log(run_dir: str | Path, step: int, results: dict) -> Path:
+    """Appends {"step", "time", **results} as one line of run_dir/eval_log.jsonl (rank 0 only)."""
+    path = Path(run_dir) / EVAL_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), **results}) + "\n")
+    return path
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """The headline numbers as {"zeroshot/acc1": ..., "dense/dense_miou": ...}, for gauges."""
+    out = {}
+    for task in ("zeroshot", "retrieval", "linear_probe", "dense"):
+        for key, value in results.get(task, {}).items():
+            if isinstance(value, float) and key not in ("chance", "best_C"):
+                out[f"{task}/{key}"] = value
+    return out
 
 
 def format_results(results: dict) -> str:
     lines = []
     zs = results.get("zeroshot")
     if zs:
-        lines.append(f"zero-shot top-1: {zs['acc1']:.4f} (chance {zs['chance']:.4f}, "
-                     f"{zs['num_classes']} held-out classes)")
+        lines.append(f"zero-shot top-1: {zs['acc1']:.4f} (chance {zs['chance']:.4f}, {zs['num_classes']} classes)")
         lines.append(f"zero-shot top-5: {zs['acc5']:.4f}   mean per-class recall: {zs['mean_per_class_recall']:.4f}")
     rt = results.get("retrieval")
     if rt:
-        ks = sorted({int(k.split("@")[1]) for k in rt})
+        ks = sorted({int(k.split("@")[1]) for k in rt if "@" in k})
         lines.append("image->text recall@" + "/".join(map(str, ks)) + ": " +
                      " / ".join(f"{rt[f'text_retrieval_recall@{k}']:.4f}" for k in ks))
         lines.append("text->image recall@" + "/".join(map(str, ks)) + ": " +
                      " / ".join(f"{rt[f'image_retrieval_recall@{k}']:.4f}" for k in ks))
+    lp = results.get("linear_probe")
+    if lp:
+        lines.append(f"linear-probe top-1: {lp['linear_probe_acc1']:.4f} (zero-shot on the same {lp['num_test']} "
+                     f"test images: {lp['zeroshot_acc1']:.4f}; C={lp['best_C']:g}, {lp['features']} features, "
+                     f"{lp['num_train'] + lp['num_val']} training images)")
+    dn = results.get("dense")
+    if dn:
+        lines.append(f"dense mIoU: {dn['dense_miou']:.4f} (pixel accuracy {dn['dense_pixel_acc']:.4f}, "
+                     f"{sum(dn['present'])} classes present incl. background, {dn['features']} features)")
     return "\n".join(lines)

@@ -7,9 +7,16 @@ PY     := $(VENV)/bin/python
 LOCK   := requirements/lock.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install prometheus clean-venv
 
-install: $(STAMP)
+install: $(STAMP) prometheus
+
+# Prometheus and promtool (the monitoring tests run the real ones): Debian's package,
+# installed only when either is missing from PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then :; else \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus; fi
 
 # Order matters: torch first, pinned to the local CPU build (a bare `torch` would pull a
 # multi-GB CUDA build); then the rest; then deepspeed without build isolation, or its build
@@ -26,7 +33,7 @@ $(STAMP): $(LOCK) requirements/base.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/vlm demo --config configs/demo.yaml --overwrite
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest -q tests
 
 clean-venv:

@@ -146,6 +146,7 @@ class _Outcome:
     height: int | None = None
     sha256: str | None = None
     image: bytes | None = None
+    downloaded: int = 0
 
     @property
     def ok(self) -> bool:
@@ -167,6 +168,7 @@ def _process_row(row: dict, key: str, cfg: IngestConfig, limiter) -> _Outcome:
     if not result.ok:
         out.reason, out.error = result.reason, result.error
         return out
+    out.downloaded = len(result.data)
     out.sha256 = hashlib.sha256(result.data).hexdigest()
     try:
         img, out.width, out.height = decode_image(result.data, cfg)
@@ -278,6 +280,8 @@ def ingest_shard(rows: list[dict], shard_id: int, output_dir: str, cfg: IngestCo
         "success": len(outcomes) - sum(failures.values()),
         "failed": sum(failures.values()),
         "failures_by_reason": dict(sorted(failures.items())),
+        "bytes_downloaded": sum(o.downloaded for o in outcomes),
+        "bytes_written": fs.size(paths["tar"]),
         "elapsed_s": round(time.monotonic() - start, 3),
     }
     _atomic_write(fs, paths["stats"], lambda f: f.write(json.dumps(stats, indent=1).encode()))
@@ -344,7 +348,7 @@ def _ray_session():
 
 
 def _run_shards(ray, table: pa.Table, shard_ids: list[int], output_dir: str,
-                cfg: IngestConfig, summary: IngestSummary, progress: bool) -> None:
+                cfg: IngestConfig, summary: IngestSummary, progress: bool, metrics=None) -> None:
     from tqdm import tqdm
 
     task = ray.remote(num_cpus=1, max_retries=cfg.task_retries, retry_exceptions=True)(ingest_shard)
@@ -359,6 +363,8 @@ def _run_shards(ray, table: pa.Table, shard_ids: list[int], output_dir: str,
                 sid = queue.popleft()
                 rows = table.slice(sid * cfg.shard_size, cfg.shard_size).to_pylist()
                 in_flight[task.remote(rows, sid, output_dir, cfg)] = sid
+            if metrics:
+                metrics.set_queue(queued=len(queue), in_flight=len(in_flight))
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in done:
                 sid = in_flight.pop(ref)
@@ -371,6 +377,9 @@ def _run_shards(ray, table: pa.Table, shard_ids: list[int], output_dir: str,
                         f"ingest: shard {sid:05d} failed after {cfg.task_retries} retries: {e}"
                     ) from e
                 summary.add(stats)
+                if metrics:
+                    metrics.record_shard(stats)
+                    metrics.set_queue(queued=len(queue), in_flight=len(in_flight))
                 bar.update(stats["total"])
                 done_samples = summary.samples_success + summary.samples_failed
                 rate = done_samples / (time.monotonic() - start)
@@ -378,9 +387,11 @@ def _run_shards(ray, table: pa.Table, shard_ids: list[int], output_dir: str,
 
 
 def ingest(
-    input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True
+    input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True, metrics=None
 ) -> IngestSummary:
-    """Ingest the whole table; raises ``RuntimeError`` naming the shard if one keeps failing."""
+    """Ingest the whole table; raises ``RuntimeError`` naming the shard if one keeps failing.
+
+    ``metrics``: an optional ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
     start = time.monotonic()
     table = read_table(input_path, url_col=cfg.url_col, caption_col=cfg.caption_col)
     fs, root = fsspec.core.url_to_fs(output_dir)
@@ -388,8 +399,12 @@ def ingest(
     n_shards = math.ceil(table.num_rows / cfg.shard_size)
     pending = [s for s in range(n_shards) if not fs.exists(shard_paths(root, s)["stats"])]
     summary = IngestSummary(shards_total=n_shards, shards_skipped=n_shards - len(pending))
+    if metrics:
+        for _ in range(summary.shards_skipped):
+            metrics.record_shard({"skipped": True})
+        metrics.set_queue(queued=len(pending), in_flight=0)
     if pending:
         with _ray_session() as ray:
-            _run_shards(ray, table, pending, output_dir, cfg, summary, progress)
+            _run_shards(ray, table, pending, output_dir, cfg, summary, progress, metrics)
     summary.elapsed_s = time.monotonic() - start
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="shard directory; local path or s3://")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-port", type=int, default=9300, metavar="N",
+                   help="serve vlm_ingest_* Prometheus metrics on 127.0.0.1:N while ingesting "
+                   "(default 9300; 0: any free port; -1: off); announced in $VLM_METRICS_SD_DIR when set")
     _config_args(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -56,14 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification and retrieval of a checkpoint",
-                       description="Embeds the images and captions of a shard directory with a "
-                       "checkpoint's model; zero-shot classes come from eval.label_template over "
-                       "each sample's metadata.")
+    p = sub.add_parser("eval", help="zero-shot, retrieval, linear-probe and dense evaluation of a checkpoint",
+                       description="Evaluates a checkpoint's model on a webdataset shard directory (classes "
+                       "from eval.label_template over each sample's metadata, masks from 'mask.png' "
+                       "entries), an image folder (one sub-folder per class; NAME.mask.png beside an "
+                       "image is its mask) or a CSV with columns path and caption and/or label, and "
+                       "optionally mask (paths relative to the CSV; rows sharing a path are one image "
+                       "with several captions). Settings come from the checkpoint's eval section, "
+                       "overridable with --set eval.KEY=VALUE.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run directory or a checkpoint directory")
-    p.add_argument("--data", metavar="DIR", help="shard directory (default: the run's data.eval_shards)")
-    p.add_argument("--task", action="append", choices=["zeroshot", "retrieval"],
-                   help="repeatable; default both")
+    p.add_argument("--data", metavar="PATH",
+                   help="shard directory, image folder or .csv (default: the run's data.eval_shards)")
+    p.add_argument("--task", action="append", choices=["zeroshot", "retrieval", "linear-probe", "dense"],
+                   help="repeatable; default every task the data supports")
+    p.add_argument("--probe-train", metavar="PATH",
+                   help="train the linear probe on this dataset (at most eval.probe_max_train items) and "
+                   "test it on all of --data; default: alternate halves of each class of --data")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
+                   help="override an eval setting of the checkpoint's config (repeatable)")
     p.add_argument("--output", metavar="JSON", help="also write the results here")
     p.set_defaults(func=cmd_eval)
 
@@ -85,6 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text vocabulary size (default: the preset's, else 49408, CLIP's)")
     p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("monitor", help="a local Prometheus server scraping one run's workers",
+                       description="Writes RUN_DIR/monitor/prometheus.yml (file_sd over the targets the "
+                       "run's workers announce in RUN_DIR/metrics/targets/, the alert rules of "
+                       "deploy/prometheus/alerts.yml), starts the `prometheus` binary on 127.0.0.1 with "
+                       "its database in RUN_DIR/monitor/data, prints its URL and serves until Ctrl-C.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
+    p.add_argument("--port", type=int, default=9090, metavar="N", help="listen port (default 9090; 0: any free)")
+    p.add_argument("--scrape-interval", default="2s", metavar="DURATION", help="scrape interval (default 2s)")
+    p.add_argument("--for", dest="duration", type=float, metavar="SECONDS",
+                   help="stop after this many seconds instead of waiting for Ctrl-C")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("report", help="PNG and HTML charts of a run",
+                       description="Reads RUN_DIR/train_log.jsonl and, when present, RUN_DIR/eval_log.jsonl; "
+                       "writes report.png (loss per objective, throughput, data-wait share, evaluation "
+                       "figures over steps) and a self-contained report.html.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
+    p.add_argument("--output", metavar="DIR", help="where to write them (default: RUN_DIR)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -93,8 +127,16 @@ def cmd_ingest(args) -> int:
     from data_pipeline.ingest import ingest
 
     cfg = load_config(args.config, args.overrides)
-    with ray_session(args.ray_address):
-        summary = ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress)
+    with contextlib.ExitStack() as stack:
+        metrics = None
+        if args.metrics_port >= 0:
+            from data_pipeline.metrics import IngestMetrics
+
+            metrics = stack.enter_context(IngestMetrics(run=cfg.name, port=args.metrics_port))
+            metrics.write_target()
+            print(f"ingest metrics at {metrics.url}", flush=True)
+        stack.enter_context(ray_session(args.ray_address))
+        summary = ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress, metrics=metrics)
     print(summary.format())
     return 0
 
@@ -129,14 +171,24 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlm.evaluate import evaluate, format_results, load_eval_model
+    from pydantic import ValidationError
 
-    tasks = tuple(args.task or ("zeroshot", "retrieval"))
-    data = args.data
-    if data is None:
-        _, _, cfg = load_eval_model(args.checkpoint)
-        data = cfg.path(cfg.data.eval_shards)
-    results = evaluate(args.checkpoint, data, tasks=tasks)
+    from vlm.config import apply_overrides, config_from_dict, format_validation_error
+    from vlm.evaluate import evaluate_model, format_results, load_eval_model
+
+    model, text, cfg = load_eval_model(args.checkpoint)
+    if args.overrides:
+        bad = [o for o in args.overrides if not o.startswith("eval.")]
+        if bad:
+            raise ConfigError(f"vlm eval --set only takes eval.* keys (got {', '.join(bad)})")
+        try:
+            cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+    data = args.data or cfg.path(cfg.data.eval_shards)
+    results = evaluate_model(model, text, cfg.eval, data, image_size=cfg.model.vision.image_size,
+                             tasks=args.task, probe_train=args.probe_train)
+    results = {"checkpoint": args.checkpoint, **results}
     print(format_results(results))
     if args.output:
         with open(args.output, "w") as f:
@@ -176,6 +228,20 @@ def cmd_model_info(args) -> int:
           f"+ {d['params_text'] / 1e6:.2f}M text")
     print(f"forward GFLOPs per sample: {d['flops_total'] / 1e9:.2f} total = {d['flops_vision'] / 1e9:.2f} image "
           f"+ {d['flops_text'] / 1e9:.2f} text (a multiply-add counts as 2 FLOPs; norms and activations not counted)")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from vlm.monitor import run_monitor
+
+    return run_monitor(args.run_dir, port=args.port, scrape_interval=args.scrape_interval, duration=args.duration)
+
+
+def cmd_report(args) -> int:
+    from vlm.report import write_report
+
+    png, page = write_report(args.run_dir, args.output)
+    print(f"report: {page}\ncharts: {png}")
     return 0
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from cluster.cli import main
 
-SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"]]
+SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"],
+               ["monitor"], ["report"]]
 
 
 def test_console_script_help():

@@ -70,7 +70,8 @@ def trained(tmp_path_factory):
     write_shards(run_dir / "shards" / "train", n=240, per_shard=60)
     write_shards(run_dir / "shards" / "heldout", n=48, per_shard=48, split="heldout")
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
-               "--set", "train.steps=120", "--set", "train.checkpoint_every=50", *sum((["--set", s] for s in TINY), []))
+               "--set", "train.steps=120", "--set", "train.checkpoint_every=50", "--set", "eval.every_steps=60",
+               *sum((["--set", s] for s in TINY), []))
     scrapes = scrape_until_training(run_dir, proc)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
@@ -155,3 +156,20 @@ def test_eval_cli_on_the_trained_run(trained):
     res = json.loads((run_dir / "eval.json").read_text())
     assert res["num_images"] == 48 and 0 <= res["zeroshot"]["acc1"] <= 1
     assert set(res["retrieval"]) >= {"image_retrieval_recall@1", "text_retrieval_recall@10"}
+
+
+def test_periodic_eval_on_two_ranks_equals_offline_eval(trained):
+    run_dir, _, out = trained
+    log = [json.loads(line) for line in (run_dir / "eval_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [60, 120]
+    assert "eval at step 60" in out
+    # the step-120 evaluation ran on 2 ranks, each embedding half of the held-out shards,
+    # on the weights that were then saved as step_00000120: one process must agree
+    proc = vlm("eval", "--checkpoint", str(run_dir / "checkpoints" / "step_00000120"),
+               "--output", str(run_dir / "eval120.json"))
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stdout
+    offline = json.loads((run_dir / "eval120.json").read_text())
+    for task, key in (("zeroshot", "acc1"), ("zeroshot", "acc5"), ("retrieval", "text_retrieval_recall@5"),
+                      ("retrieval", "image_retrieval_recall@1")):
+        assert log[1][task][key] == pytest.approx(offline[task][key], abs=1e-6), (task, key)

@@ -21,6 +21,7 @@ from data_pipeline.reader import ShardReader, list_shards
 from vlm import checkpoint
 from vlm.config import RunConfig, dump_config
 from vlm.data import BatchLoader
+from vlm.evaluate import append_eval_log, evaluate_distributed, flat_metrics
 from vlm.metrics import TrainMetrics
 from vlm.models import build_clip
 from vlm.objectives import build_objective
@@ -89,6 +90,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def forward_flops_per_sample(cfg: RunConfig, vocab_size: int) -> float | None:
+    """For model FLOPs utilisation on a GPU; measured on the meta device, costs no memory."""
+    from vlm.models.registry import describe
+
+    try:
+        return describe(cfg.model, vocab_size)["flops_total"]
+    except Exception as e:  # MFU is a nicety: never fail a run over it
+        print(f"warning: could not count FLOPs per sample ({e}); no MFU metric", flush=True)
+        return None
+
+
 def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
     model = build_clip(cfg.model, vocab_size)
     pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
@@ -145,7 +157,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     metrics = None
     if cfg.metrics.enabled:
         metrics = TrainMetrics(run=cfg.name, rank=rank, host=cfg.metrics.host, port=cfg.metrics.port,
-                               objectives=[o.name for o in cfg.objectives])
+                               objectives=[o.name for o in cfg.objectives],
+                               flops_per_sample=forward_flops_per_sample(cfg, text.vocab_size) if on_gpu else None)
         metrics.write_endpoint(str(run_dir), rank)
         print(f"rank {rank}: Prometheus metrics at {metrics.url}", flush=True)
 
@@ -156,11 +169,25 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
         path = checkpoint.save(engine, str(run_dir), step=step, shared_state=shared,
                                rank_state={"reader": loader.state_dict(), "rng": checkpoint.rng_state()})
         if metrics:
-            metrics.ckpt_s.observe(time.perf_counter() - t0)
+            metrics.record_checkpoint(time.perf_counter() - t0)
         if rank == 0:
             print(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)", flush=True)
             for old in checkpoint.prune(path.parent, cfg.train.keep_checkpoints):
                 print(f"removed old checkpoint {old}", flush=True)
+
+    def run_eval():
+        # Every rank embeds its share of the eval set; all return the same figures.
+        t0 = time.perf_counter()
+        results = evaluate_distributed(engine.module.model, text, cfg, rank=rank, world_size=world_size)
+        if rank == 0:
+            append_eval_log(run_dir, step, results)
+            zs = results.get("zeroshot", {})
+            print(f"eval at step {step} ({time.perf_counter() - t0:.1f}s): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in flat_metrics(results).items()
+                              if k in ("zeroshot/acc1", "linear_probe/linear_probe_acc1", "dense/dense_miou",
+                                       "retrieval/text_retrieval_recall@5")) or str(zs), flush=True)
+        if metrics:
+            metrics.record_eval(results, step=step)
 
     device = engine.device
     log = open(run_dir / TRAIN_LOG, "a") if rank == 0 else None
@@ -170,6 +197,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
         while step < cfg.train.steps:
             t0 = time.perf_counter()
             wait = 0.0
+            skipped_before = engine.skipped_steps
             for _ in range(cfg.train.grad_accum_steps):
                 batch = loader.next_batch()
                 wait += loader.last_wait_s
@@ -184,14 +212,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
             dt = time.perf_counter() - t0
             lr = engine.get_lr()[0]
             if metrics:
-                metrics.steps.inc()
-                metrics.samples.inc(global_batch / world_size)
-                metrics.lr.set(lr)
-                metrics.step_s.observe(dt)
-                metrics.wait_s.observe(wait)
-                metrics.throughput.set(global_batch / dt)
-                for k, v in losses.items():
-                    metrics.set_loss(k, float(v))
+                grad_norm = engine.get_global_grad_norm()
+                metrics.record_step(step=step, samples=global_batch / world_size, step_s=dt, wait_s=wait, lr=lr,
+                                    losses={k: float(v) for k, v in losses.items()},
+                                    grad_norm=float(grad_norm) if grad_norm is not None else None,
+                                    skipped=engine.skipped_steps > skipped_before, diagnostics=diagnostics)
             if log and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
                 rec = {"step": step, "samples": samples_seen, "lr": lr, "step_s": dt, "data_wait_s": wait,
                        "samples_per_s": global_batch / dt, **diagnostics,
@@ -200,6 +225,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
                 log.flush()
                 print(f"step {step}/{cfg.train.steps} loss {float(losses['total']):.4f} lr {lr:.2e} "
                       f"{global_batch / dt:.0f} samples/s", flush=True)
+            if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
+                run_eval()
             if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
                 save()
                 last_saved = step

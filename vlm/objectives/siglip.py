@@ -1,7 +1,6 @@
 """Sigmoid image–text loss with a learnable temperature and bias (SigLIP)."""
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch

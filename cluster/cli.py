@@ -257,7 +257,11 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS")):
+    # Both decide Ray settings that Ray reads when it is imported: before any import of ray.
+    if getattr(args, "ray_address", None) or os.environ.get("RAY_ADDRESS"):
+        from cluster.ray_local import use_cluster_token_if_present
+        use_cluster_token_if_present()
+    else:
         from data_pipeline.local_ray import use_loopback_only
         use_loopback_only()
     try:

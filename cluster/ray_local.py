@@ -20,6 +20,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         yield
         return
     if address:
+        use_cluster_token_if_present()
         ray.init(address=address, runtime_env={"env_vars": worker_env()})
     else:
         # The dashboard (on 127.0.0.1) also serves the state API that Ray Train's
@@ -30,6 +31,16 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None):
         yield
     finally:
         ray.shutdown()
+
+
+def use_cluster_token_if_present() -> None:
+    """Ray 2.60 clusters started by `ray start` require a token by default, but a driver
+    joining one by explicit address only sends it when RAY_AUTH_MODE=token (address="auto"
+    guesses). Without this, joining fails with 'Authentication token is missing'. Ray reads
+    the mode when imported, so the CLI calls this first."""
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def worker_env() -> dict[str, str]:

@@ -61,7 +61,10 @@ def test_train_runs_objective(which, ray_head, shards, tmp_path):
             "--set", f"run_dir={run_dir}", "--set", f"data.train_shards={shards}", "--set", f"name={which}"]
     for s in TINY + RUNS[which]:
         args += ["--set", s]
-    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # An in-process ray.init elsewhere in the session sets RAY_AUTH_MODE for this process;
+    # drop it so joining the head works (or fails) as it does for a user's shell.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]

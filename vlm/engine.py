@@ -30,6 +30,8 @@ from vlm.tokenizer import TextEncoder
 
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "positional_embedding")
 TOKENIZER_FILE = "tokenizer.json"
+EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
+                 "dense/dense_miou")
 TRAIN_LOG = "train_log.jsonl"
 
 
@@ -109,132 +111,152 @@ def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
     return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
 
 
+class Trainer:
+    """One rank's run: __init__ builds the engine, the reader and the exporter (and resumes);
+    run() takes optimizer steps until cfg.train.steps, logging, evaluating and saving."""
+
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None):
+        import deepspeed  # imported late: it inspects the accelerator at import time
+
+        self.cfg = cfg
+        self.rank, self.world_size = ensure_process_group()
+        torch.set_num_threads(cfg.train.threads_per_worker)
+        seed_everything(cfg.train.seed + self.rank)
+        self.run_dir = Path(cfg.run_dir)
+        self.on_gpu = torch.cuda.is_available()
+        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
+
+        tok_path = self.run_dir / TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
+        self.tokenizer_json = tok_path.read_text()
+        self.text = TextEncoder.from_json(self.tokenizer_json, cfg.model.text.context_length)
+
+        model = build_pretrainer(cfg, self.text.vocab_size)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas, eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=deepspeed_config(cfg, self.world_size, self.on_gpu))
+        reader = ShardReader(list_shards(cfg.path(cfg.data.train_shards)), rank=self.rank,
+                             world_size=self.world_size, seed=cfg.train.seed,
+                             shuffle_block=cfg.data.reader.shuffle_block)
+        self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
+                                  image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
+                                  views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed)
+        self.step, self.samples_seen = 0, 0
+        if resume:
+            self._resume(resume)
+        elif self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.metrics = self._start_metrics() if cfg.metrics.enabled else None
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def _resume(self, tag: str) -> None:
+        ckpt = checkpoint.resolve(str(self.run_dir), tag, verify_files=True, warn=self._say)
+        state = checkpoint.load(self.engine, ckpt)
+        mine = state["ranks"][self.rank]
+        self.loader.load_state_dict(mine["reader"])
+        checkpoint.set_rng_state(mine["rng"])
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self._say(f"resumed from {ckpt} at step {self.step}")
+
+    def _start_metrics(self) -> TrainMetrics:
+        cfg = self.cfg
+        flops = forward_flops_per_sample(cfg, self.text.vocab_size) if self.on_gpu else None
+        metrics = TrainMetrics(run=cfg.name, rank=self.rank, host=cfg.metrics.host, port=cfg.metrics.port,
+                               objectives=[o.name for o in cfg.objectives], flops_per_sample=flops)
+        metrics.write_endpoint(str(self.run_dir), self.rank)
+        print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
+        return metrics
+
+    def train_step(self) -> dict:
+        """One optimizer step (grad_accum_steps micro-batches); returns what to record."""
+        t0 = time.perf_counter()
+        wait, skipped_before = 0.0, self.engine.skipped_steps
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = self.loader.next_batch()
+            wait += self.loader.last_wait_s
+            out = self.engine({k: v.to(self.engine.device) for k, v in batch.items()})
+            self.engine.backward(out["loss"])
+            self.engine.step()
+        self.step += 1
+        self.samples_seen += self.global_batch
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"losses": {("total" if k == "loss" else k): float(v.detach()) for k, v in out.items() if "/" not in k},
+                "diagnostics": {k: float(v) for k, v in out.items() if "/" in k},
+                "step_s": time.perf_counter() - t0, "wait_s": wait, "lr": self.engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "skipped": self.engine.skipped_steps > skipped_before}
+
+    def record(self, r: dict, log) -> None:
+        if self.metrics:
+            self.metrics.record_step(step=self.step, samples=self.global_batch / self.world_size, **r)
+        last = self.step == self.cfg.train.steps
+        if log is None or not (self.step % self.cfg.train.log_every == 0 or last):
+            return
+        rate = self.global_batch / r["step_s"]
+        rec = {"step": self.step, "samples": self.samples_seen, "lr": r["lr"], "step_s": r["step_s"],
+               "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
+               **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"step {self.step}/{self.cfg.train.steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "
+              f"{rate:.0f} samples/s", flush=True)
+
+    def save(self) -> None:
+        """Collective. Training stalls for the duration, exported as vlm_checkpoint_save_duration_seconds."""
+        t0 = time.perf_counter()
+        shared = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.model_dump(mode="json"),
+                  "tokenizer": self.tokenizer_json, "world_size": self.world_size}
+        path = checkpoint.save(self.engine, str(self.run_dir), step=self.step, shared_state=shared,
+                               rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()})
+        if self.metrics:
+            self.metrics.record_checkpoint(time.perf_counter() - t0)
+        self._say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
+        if self.rank == 0:
+            for old in checkpoint.prune(path.parent, self.cfg.train.keep_checkpoints):
+                self._say(f"removed old checkpoint {old}")
+
+    def evaluate(self) -> None:
+        """Collective: every rank embeds its share of the eval set; all get the same figures."""
+        t0 = time.perf_counter()
+        results = evaluate_distributed(self.engine.module.model, self.text, self.cfg, rank=self.rank,
+                                       world_size=self.world_size)
+        if self.rank == 0:
+            append_eval_log(self.run_dir, self.step, results)
+        headline = {k: v for k, v in flat_metrics(results).items() if k in EVAL_HEADLINE}
+        self._say(f"eval at step {self.step} ({time.perf_counter() - t0:.1f}s): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+        if self.metrics:
+            self.metrics.record_eval(results, step=self.step)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
+        last_saved = self.step
+        try:
+            while self.step < cfg.train.steps:
+                self.record(self.train_step(), log)
+                if cfg.eval.every_steps and (self.step % cfg.eval.every_steps == 0 or self.step == cfg.train.steps):
+                    self.evaluate()
+                if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                    last_saved = self.step
+            if last_saved != self.step:
+                self.save()
+        finally:
+            if log:
+                log.close()
+            if self.metrics:
+                self.metrics.close()
+        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank}
+
+
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank."""
-    import deepspeed  # imported late: it inspects the accelerator at import time
-
-    rank, world_size = ensure_process_group()
-    torch.set_num_threads(cfg.train.threads_per_worker)
-    seed_everything(cfg.train.seed + rank)
-    run_dir = Path(cfg.run_dir)
-    on_gpu = torch.cuda.is_available()
-
-    tok_path = run_dir / TOKENIZER_FILE
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
-    tokenizer_json = tok_path.read_text()
-    text = TextEncoder.from_json(tokenizer_json, cfg.model.text.context_length)
-
-    model = build_pretrainer(cfg, text.vocab_size)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world_size, on_gpu))
-
-    shards = list_shards(cfg.path(cfg.data.train_shards))
-    reader = ShardReader(shards, rank=rank, world_size=world_size, seed=cfg.train.seed,
-                         shuffle_block=cfg.data.reader.shuffle_block)
-    loader = BatchLoader(reader, text, batch_size=cfg.train.micro_batch_size,
-                         image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
-                         views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed)
-
-    step, samples_seen = 0, 0
-    if resume:
-        ckpt = checkpoint.resolve(str(run_dir), resume, verify_files=True,
-                                  warn=lambda m: print(m, flush=True) if rank == 0 else None)
-        state = checkpoint.load(engine, ckpt)
-        mine = state["ranks"][rank]
-        loader.load_state_dict(mine["reader"])
-        checkpoint.set_rng_state(mine["rng"])
-        step, samples_seen = state["step"], state["samples_seen"]
-        if rank == 0:
-            print(f"resumed from {ckpt} at step {step}", flush=True)
-    elif rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-
-    metrics = None
-    if cfg.metrics.enabled:
-        metrics = TrainMetrics(run=cfg.name, rank=rank, host=cfg.metrics.host, port=cfg.metrics.port,
-                               objectives=[o.name for o in cfg.objectives],
-                               flops_per_sample=forward_flops_per_sample(cfg, text.vocab_size) if on_gpu else None)
-        metrics.write_endpoint(str(run_dir), rank)
-        print(f"rank {rank}: Prometheus metrics at {metrics.url}", flush=True)
-
-    def save():
-        t0 = time.perf_counter()
-        shared = {"step": step, "samples_seen": samples_seen, "config": cfg.model_dump(mode="json"),
-                  "tokenizer": tokenizer_json, "world_size": world_size}
-        path = checkpoint.save(engine, str(run_dir), step=step, shared_state=shared,
-                               rank_state={"reader": loader.state_dict(), "rng": checkpoint.rng_state()})
-        if metrics:
-            metrics.record_checkpoint(time.perf_counter() - t0)
-        if rank == 0:
-            print(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)", flush=True)
-            for old in checkpoint.prune(path.parent, cfg.train.keep_checkpoints):
-                print(f"removed old checkpoint {old}", flush=True)
-
-    def run_eval():
-        # Every rank embeds its share of the eval set; all return the same figures.
-        t0 = time.perf_counter()
-        results = evaluate_distributed(engine.module.model, text, cfg, rank=rank, world_size=world_size)
-        if rank == 0:
-            append_eval_log(run_dir, step, results)
-            zs = results.get("zeroshot", {})
-            print(f"eval at step {step} ({time.perf_counter() - t0:.1f}s): "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in flat_metrics(results).items()
-                              if k in ("zeroshot/acc1", "linear_probe/linear_probe_acc1", "dense/dense_miou",
-                                       "retrieval/text_retrieval_recall@5")) or str(zs), flush=True)
-        if metrics:
-            metrics.record_eval(results, step=step)
-
-    device = engine.device
-    log = open(run_dir / TRAIN_LOG, "a") if rank == 0 else None
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * world_size
-    last_saved = step
-    try:
-        while step < cfg.train.steps:
-            t0 = time.perf_counter()
-            wait = 0.0
-            skipped_before = engine.skipped_steps
-            for _ in range(cfg.train.grad_accum_steps):
-                batch = loader.next_batch()
-                wait += loader.last_wait_s
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
-            losses = {("total" if k == "loss" else k): v.detach() for k, v in out.items() if "/" not in k}
-            diagnostics = {k: float(v) for k, v in out.items() if "/" in k}
-            step += 1
-            samples_seen += global_batch
-            dt = time.perf_counter() - t0
-            lr = engine.get_lr()[0]
-            if metrics:
-                grad_norm = engine.get_global_grad_norm()
-                metrics.record_step(step=step, samples=global_batch / world_size, step_s=dt, wait_s=wait, lr=lr,
-                                    losses={k: float(v) for k, v in losses.items()},
-                                    grad_norm=float(grad_norm) if grad_norm is not None else None,
-                                    skipped=engine.skipped_steps > skipped_before, diagnostics=diagnostics)
-            if log and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                rec = {"step": step, "samples": samples_seen, "lr": lr, "step_s": dt, "data_wait_s": wait,
-                       "samples_per_s": global_batch / dt, **diagnostics,
-                       **{f"loss/{k}": float(v) for k, v in losses.items()}}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                print(f"step {step}/{cfg.train.steps} loss {float(losses['total']):.4f} lr {lr:.2e} "
-                      f"{global_batch / dt:.0f} samples/s", flush=True)
-            if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.steps):
-                run_eval()
-            if step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
-                save()
-                last_saved = step
-        if last_saved != step:
-            save()
-    finally:
-        if log:
-            log.close()
-        if metrics:
-            metrics.close()
-    return {"step": step, "samples_seen": samples_seen, "rank": rank}
+    return Trainer(cfg, resume=resume).run()

@@ -1,5 +1,5 @@
 """Writes small committed shard sets straight from the procedural corpus (no HTTP, no Ray),
-for tests of the reader, engine and evaluation."""
+for tests of the reader, engine and evaluation; and the tiny model the e2e runs train."""
 from __future__ import annotations
 
 import io
@@ -33,3 +33,13 @@ def write_shards(out: Path, *, n: int, per_shard: int, split: str = "train", ima
         (out / f"{shard_id:05d}_stats.json").write_text(json.dumps({"success": min(n, start + per_shard) - start}))
         paths.append(tar)
     return paths
+
+
+# The smallest model the e2e `vlm train` runs use: seconds per run on 2 CPU cores.
+TINY_MODEL = ("model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
+              "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "tokenizer.vocab_size=300")
+
+
+def set_args(*overrides: str) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]"""
+    return [arg for o in overrides for arg in ("--set", o)]

@@ -18,14 +18,12 @@ from PIL import Image
 
 from cluster.cli import main
 from data_pipeline.synthetic import heldout_pairs, make_caption, render_image_and_mask
-from shardgen import write_shards
+from shardgen import TINY_MODEL, set_args, write_shards
 
 pytestmark = pytest.mark.e2e
 VLM = str(Path(sys.executable).parent / "vlm")
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-        "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "tokenizer.vocab_size=300",
-        "train.micro_batch_size=8", "train.log_every=20", "metrics.port=0", "name=eval-e2e"]
+TINY = [*TINY_MODEL, "train.micro_batch_size=8", "train.log_every=20", "metrics.port=0", "name=eval-e2e"]
 FIGURES = ("zero-shot top-1:", "image->text recall@1/5/10:", "linear-probe top-1:", "dense mIoU:")
 
 
@@ -57,7 +55,7 @@ def run(tmp_path_factory):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([VLM, "train", "--config", "configs/demo.yaml", "--set", f"run_dir={root}",
                            "--set", "train.steps=150", "--set", "train.checkpoint_every=1000",
-                           *sum((["--set", s] for s in TINY), [])],
+                           *set_args(*TINY)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return root, samples

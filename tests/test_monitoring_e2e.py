@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardgen import write_shards
+from shardgen import TINY_MODEL, set_args, write_shards
 from vlm.monitor import Prometheus
 
 pytestmark = pytest.mark.e2e
@@ -19,9 +19,8 @@ VLM = str(Path(sys.executable).parent / "vlm")
 REPO = Path(__file__).resolve().parents[1]
 RUN = "mon-e2e"
 OBJECTIVES = ["clip_infonce", "siglip"]
-TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-        "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "tokenizer.vocab_size=300",
-        "train.micro_batch_size=8", "train.log_every=10", "train.steps=200", "train.checkpoint_every=1000",
+TINY = [*TINY_MODEL, "train.micro_batch_size=8", "train.log_every=10", "train.steps=200",
+        "train.checkpoint_every=1000",
         "metrics.port=0", f"name={RUN}", "objectives=[{name: clip_infonce}, {name: siglip, weight: 0.5}]"]
 
 
@@ -50,7 +49,7 @@ def test_prometheus_scrapes_a_two_worker_run(tmp_path):
         rules = prom.api("rules")["groups"]
         assert any(r["name"] == "VlmTrainingStalled" for g in rules for r in g["rules"])
         proc = subprocess.Popen([VLM, "train", "--config", "configs/demo.yaml", "--set", f"run_dir={tmp_path}",
-                                 *sum((["--set", s] for s in TINY), [])], cwd=REPO, text=True,
+                                 *set_args(*TINY)], cwd=REPO, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from shardgen import write_shards
+from shardgen import TINY_MODEL, set_args, write_shards
 from vlm import checkpoint
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-        "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "tokenizer.vocab_size=300",
-        "train.micro_batch_size=6", "train.log_every=1", "train.steps=3", "metrics.port=0"]
+TINY = [*TINY_MODEL, "train.micro_batch_size=6", "train.log_every=1", "train.steps=3", "metrics.port=0"]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +57,7 @@ def test_train_runs_objective(which, ray_head, shards, tmp_path):
     run_dir = tmp_path / which
     args = [str(BIN / "vlm"), "train", "--config", "configs/demo.yaml", "--ray-address", ray_head,
             "--set", f"run_dir={run_dir}", "--set", f"data.train_shards={shards}", "--set", f"name={which}"]
-    for s in TINY + RUNS[which]:
-        args += ["--set", s]
+    args += set_args(*TINY, *RUNS[which])
     # An in-process ray.init elsewhere in the session sets RAY_AUTH_MODE for this process;
     # drop it so joining the head works (or fails) as it does for a user's shell.
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}

@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardgen import write_shards
+from shardgen import TINY_MODEL, set_args, write_shards
 from vlm import checkpoint
 
 pytestmark = pytest.mark.e2e
 VLM = str(Path(sys.executable).parent / "vlm")
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["model.embed_dim=32", "model.vision.width=32", "model.vision.depth=1", "model.vision.heads=2",
-        "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "tokenizer.vocab_size=300",
-        "train.micro_batch_size=8", "train.log_every=10", "metrics.port=0", "name=e2e"]
+TINY = [*TINY_MODEL, "train.micro_batch_size=8", "train.log_every=10", "metrics.port=0", "name=e2e"]
 METRICS = ["vlm_train_samples_total", "vlm_train_steps_total", "vlm_train_loss", "vlm_train_learning_rate",
            "vlm_train_step_duration_seconds", "vlm_train_data_wait_seconds"]
 
@@ -71,7 +69,7 @@ def trained(tmp_path_factory):
     write_shards(run_dir / "shards" / "heldout", n=48, per_shard=48, split="heldout")
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
                "--set", "train.steps=120", "--set", "train.checkpoint_every=50", "--set", "eval.every_steps=60",
-               *sum((["--set", s] for s in TINY), []))
+               *set_args(*TINY))
     scrapes = scrape_until_training(run_dir, proc)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
@@ -125,7 +123,7 @@ def test_resume_continues_the_step_count(trained):
                         weights_only=False)["module"]
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}", "--resume", "latest",
                "--set", "train.steps=140", "--set", "train.checkpoint_every=50",
-               *sum((["--set", s] for s in TINY), []))
+               *set_args(*TINY))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "at step 120" in out
@@ -142,7 +140,7 @@ def test_resume_continues_the_step_count(trained):
 def test_train_refuses_to_restart_over_checkpoints(trained):
     run_dir, _, _ = trained
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}",
-               *sum((["--set", s] for s in TINY), []))
+               *set_args(*TINY))
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "--resume latest" in out
 

@@ -20,9 +20,9 @@ def run_demo(cfg: RunConfig, *, overwrite: bool = False) -> int:
     from data_pipeline.ingest import ingest
     from data_pipeline.serve import ImageServer
     from data_pipeline.synthetic import generate_corpus, write_mask_table, write_url_table
-    from vlm.engine import TRAIN_LOG
-    from vlm.evaluate import evaluate, format_results
-    from vlm.report import plot_curves
+    from vlm import checkpoint
+    from vlm.evaluate import evaluate_model, format_results, load_eval_model
+    from vlm.report import write_report
 
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -57,18 +57,22 @@ def run_demo(cfg: RunConfig, *, overwrite: bool = False) -> int:
         run_training(cfg)
 
     _banner("4/5 evaluating on the held-out (colour, shape) combinations")
-    results = evaluate(str(run_dir), cfg.path(cfg.data.eval_shards))
+    model, text, trained_cfg = load_eval_model(str(run_dir))
+    size = trained_cfg.model.vision.image_size
+    results = {"checkpoint": str(checkpoint.resolve(str(run_dir))),
+               **evaluate_model(model, text, trained_cfg.eval, cfg.path(cfg.data.eval_shards), image_size=size)}
     # ingestion keeps no masks, so dense prediction reads the corpus's own held-out table
-    dense = evaluate(str(run_dir), str(write_mask_table(corpus, "heldout")), tasks=["dense"])
+    dense = evaluate_model(model, text, trained_cfg.eval, str(write_mask_table(corpus, "heldout")),
+                           image_size=size, tasks=["dense"])
     results["dense"], results["dense_dataset"] = dense["dense"], dense["dataset"]
     train_eval_s = time.perf_counter() - t_train
     (run_dir / "eval_results.json").write_text(json.dumps(results, indent=1))
 
     _banner("5/5 report")
-    png = plot_curves(run_dir / TRAIN_LOG, run_dir / "report.png")
+    png, page = write_report(run_dir)
     print(format_results(results))
     print(f"train+eval seconds: {train_eval_s:.1f}")
     print(f"run directory: {run_dir}")
-    print(f"curves: {png}")
+    print(f"curves: {png} (and {page})")
     print("resume with: vlm train --config configs/demo.yaml --resume latest")
     return 0

@@ -289,15 +289,6 @@ def evaluate_model(model: CLIP, text: TextEncoder, ev: EvalConfig, data: str, *,
     return results
 
 
-def evaluate(path: str, data: str, *, tasks=None, probe_train: str | None = None,
-             cfg_override: RunConfig | None = None) -> dict:
-    """`vlm eval`: a run or checkpoint dir, evaluated on ``data`` in one process."""
-    model, text, cfg = load_eval_model(path)
-    results = evaluate_model(model, text, (cfg_override or cfg).eval, data, image_size=cfg.model.vision.image_size,
-                             tasks=tasks, probe_train=probe_train)
-    return {"checkpoint": str(checkpoint.resolve(path)), **results}
-
-
 def evaluate_distributed(model: CLIP, text: TextEncoder, cfg: RunConfig, data: str | None = None, *,
                          rank: int, world_size: int, tasks=None) -> dict:
     """Periodic evaluation from the training loop: call on EVERY rank (a collective) with the

@@ -1,5 +1,5 @@
-"""Run reports from the rank-0 logs: the demo's closing curves (plot_curves) and
-`vlm report RUN_DIR` (write_report): PNG charts and an HTML page."""
+"""Run reports from the rank-0 logs (`vlm report RUN_DIR`, and the demo's closing report):
+PNG charts and an HTML page."""
 from __future__ import annotations
 
 import json
@@ -11,31 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_train_log(path: Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_curves(log_path: Path, out_png: Path) -> Path:
-    recs = read_train_log(log_path)
-    if not recs:
-        raise ValueError(f"{log_path} holds no training records")
-    steps = [r["step"] for r in recs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key in sorted(k for k in recs[0] if k.startswith("loss/")):
-        ax1.plot(steps, [r[key] for r in recs], label=key.removeprefix("loss/"))
-    ax1.set_xlabel("step"), ax1.set_ylabel("loss"), ax1.set_title("training loss"), ax1.legend()
-    ax2.plot(steps, [r["samples_per_s"] for r in recs], color="tab:green")
-    ax2.set_xlabel("step"), ax2.set_ylabel("samples / s"), ax2.set_title("throughput (global batch)")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
-
-
-# ---------------------------------------------------------------- `vlm report RUN_DIR`
-
-TRAIN_LOG, EVAL_LOG = "train_log.jsonl", "eval_log.jsonl"
+TRAIN_LOG, EVAL_LOG = "train_log.jsonl", "eval_log.jsonl"  # as written by vlm.engine and vlm.evaluate
 
 
 def read_jsonl(path: Path) -> list[dict]:

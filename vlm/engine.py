@@ -106,8 +106,8 @@ def forward_flops_per_sample(cfg: RunConfig, vocab_size: int) -> float | None:
 def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
     model = build_clip(cfg.model, vocab_size)
     pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
-    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim)
-                  for o in cfg.objectives]
+    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim, model=model,
+                                  vocab_size=vocab_size) for o in cfg.objectives]
     return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
 
 

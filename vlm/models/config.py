@@ -46,5 +46,7 @@ class ModelConfig(Strict):
     preset: str | None = Field(None, description="the registered preset these fields came from (a label only)")
     embed_dim: int = Field(64, gt=0)
     grad_checkpointing: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1, description="transformer towers: attention and branch-output dropout")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="transformer towers: stochastic depth of the last block")
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()

@@ -48,7 +48,8 @@ def build_vision(cfg: ModelConfig) -> nn.Module:
                               embed_dim=cfg.embed_dim, grad_checkpointing=cfg.grad_checkpointing)
     return VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, depth=v.depth,
                              heads=v.heads, embed_dim=cfg.embed_dim, mlp_ratio=v.mlp_ratio,
-                             grad_checkpointing=cfg.grad_checkpointing)
+                             grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout,
+                             drop_path=cfg.drop_path)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
@@ -60,7 +61,7 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
         raise ValueError("the text vocabulary size is unknown: set model.text.vocab_size or pass vocab_size")
     text = TextTransformer(vocab_size=vocab, context_length=t.context_length, width=t.width, depth=t.depth,
                            heads=t.heads, embed_dim=cfg.embed_dim, mlp_ratio=t.mlp_ratio, causal=t.causal,
-                           grad_checkpointing=cfg.grad_checkpointing)
+                           grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout, drop_path=cfg.drop_path)
     return CLIP(build_vision(cfg), text)
 
 

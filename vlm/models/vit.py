@@ -10,7 +10,8 @@ from vlm.models.transformer import Transformer
 
 class VisionTransformer(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, heads: int,
-                 embed_dim: int, mlp_ratio: float = 4.0, grad_checkpointing: bool = False):
+                 embed_dim: int, mlp_ratio: float = 4.0, grad_checkpointing: bool = False,
+                 dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -22,7 +23,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(scale * torch.randn(width))
         self.pos_embed = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing, dropout, drop_path)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=scale)

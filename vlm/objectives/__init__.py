@@ -24,12 +24,17 @@ OBJECTIVE_CONFIGS = (ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConf
 AnyObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="name")]
 
 
-def build_objective(cfg, *, embed_dim: int, vision_width: int) -> nn.Module:
+def build_objective(cfg, *, embed_dim: int, vision_width: int, model: nn.Module | None = None,
+                    vocab_size: int | None = None) -> nn.Module:
     """cfg: one of OBJECTIVE_CONFIGS; embed_dim: E of the embeddings; vision_width: W of the
-    image tower's pooled feature (the input of heads such as slip_image's)."""
+    image tower's pooled feature (the input of heads such as slip_image's). Objectives with
+    `uses_model = True` also receive the model (to size their heads and decoders from its
+    towers) and the text vocabulary size."""
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.name!r}; registered: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[cfg.name](cfg, embed_dim=embed_dim, vision_width=vision_width)
+    cls = OBJECTIVES[cfg.name]
+    extra = {"model": model, "vocab_size": vocab_size} if getattr(cls, "uses_model", False) else {}
+    return cls(cfg, embed_dim=embed_dim, vision_width=vision_width, **extra)
 
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "AnyObjectiveConfig", "build_objective",

@@ -13,6 +13,7 @@ import os
 import random
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -72,23 +73,65 @@ def _barrier():
         dist.barrier()
 
 
-def save(engine, run_dir: str, *, step: int, shared_state: dict, rank_state: dict) -> Path:
-    """Collective: every rank calls it. `shared_state` is rank 0's (step, config, ...);
-    `rank_state` is this rank's (reader, RNG)."""
-    root = checkpoint_root(run_dir)
+def is_remote(url: str) -> bool:
+    return "://" in str(url) and not str(url).startswith("file://")
+
+
+def _owned(name: str, rank: int) -> bool:
+    """Which rank wrote a DeepSpeed file: zero_pp_rank_{r}_* is rank r's, the rest rank 0's."""
+    if name.startswith("zero_pp_rank_"):
+        return name.startswith(f"zero_pp_rank_{rank}_")
+    return rank == 0
+
+
+def _file_meta(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def save(engine, root: str, *, step: int, shared_state: dict, rank_state: dict,
+         staging: str | os.PathLike | None = None) -> str:
+    """Collective: every rank calls it. `root` is the checkpoint directory (local, or an
+    fsspec URL such as s3://bucket/run/checkpoints, in which case DeepSpeed writes into
+    `staging` first and each rank uploads the files it wrote). `shared_state` is rank 0's
+    (step, config, ...); `rank_state` is this rank's (reader, RNG). Every rank hashes its
+    own files; rank 0 writes the manifest after every file is in place, then `latest`.
+    Returns the checkpoint's path or URL."""
+    remote = is_remote(root)
+    if remote and staging is None:
+        raise ValueError(f"saving to {root} needs a local staging directory")
+    local_root = Path(staging if remote else root)
     tag = tag_for_step(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    local = local_root / tag
+    engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
     per_rank = _gather(rank_state)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        buf = _to_bytes({**shared_state, "ranks": per_rank})
-        _atomic_write(root / tag / TRAINER_STATE, buf)
+        _atomic_write(local / TRAINER_STATE, _to_bytes({**shared_state, "ranks": per_rank}))
     _barrier()
+    mine = sorted(p for p in local.rglob("*") if p.is_file() and _owned(str(p.relative_to(local)), rank)
+                  and p.name != MANIFEST and not p.name.endswith(".tmp"))
+    meta = {str(p.relative_to(local)): _file_meta(p) for p in mine}
+    if remote:
+        fs, base = fsspec.core.url_to_fs(root)
+        for p in mine:
+            fs.put_file(str(p), f"{base}/{tag}/{p.relative_to(local)}")
+    files: dict = {}
+    for part in _gather(meta):
+        files.update(part)
     if rank == 0:
-        write_manifest(root / tag, step)
-        _atomic_write(root / "latest", tag.encode())
+        manifest = json.dumps({"tag": tag, "step": step, "files": dict(sorted(files.items()))}, indent=1).encode()
+        if remote:
+            fs.pipe_file(f"{base}/{tag}/{MANIFEST}", manifest)
+            fs.pipe_file(f"{base}/latest", tag.encode())  # one PUT: atomic on S3
+        else:
+            _atomic_write(local / MANIFEST, manifest)
+            _atomic_write(local_root / "latest", tag.encode())
     _barrier()
-    return root / tag
+    if remote:
+        for p in mine:
+            p.unlink()
+        return f"{root.rstrip('/')}/{tag}"
+    return str(local)
 
 
 def write_manifest(ckpt: Path, step: int) -> None:
@@ -96,7 +139,7 @@ def write_manifest(ckpt: Path, step: int) -> None:
     checkpoint complete."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {"tag": ckpt.name, "step": step, "files": {
-        str(p.relative_to(ckpt)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+        str(p.relative_to(ckpt)): _file_meta(p) for p in files}}
     _atomic_write(ckpt / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
@@ -147,6 +190,66 @@ def resolve(path: str, tag: str = "latest", *, verify_files: bool = False, warn=
         except ValueError as e:
             warn(f"warning: {e}; trying the previous checkpoint")
     raise FileNotFoundError(f"no complete checkpoint to resume under {root}")
+
+
+def _remote_tags(fs, base: str) -> list[tuple[int, str]]:
+    """(step, tag) of every remote tag with a manifest, newest first."""
+    out = []
+    for d in fs.ls(base, detail=False):
+        name = d.rstrip("/").rsplit("/", 1)[-1]
+        if fs.exists(f"{base}/{name}/{MANIFEST}"):
+            out.append((json.loads(fs.cat_file(f"{base}/{name}/{MANIFEST}"))["step"], name))
+    return sorted(out, reverse=True)
+
+
+def fetch_remote(root: str, tag: str, cache: str | os.PathLike, *, warn=print) -> Path:
+    """A remote checkpoint directory (root = s3://.../checkpoints) -> a verified local copy
+    under `cache`. With tag 'latest', a corrupt or incomplete newest checkpoint is
+    reported through `warn` and the previous complete one is tried."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.exists(base):
+        raise FileNotFoundError(f"checkpoint directory not found: {root}")
+    if tag != "latest":
+        names = [tag]
+    else:
+        named = fs.cat_file(f"{base}/latest").decode().strip() if fs.exists(f"{base}/latest") else None
+        names = ([named] if named else []) + [t for _, t in _remote_tags(fs, base) if t != named]
+    for name in names:
+        local = Path(cache) / name
+        try:
+            if not fs.exists(f"{base}/{name}/{MANIFEST}"):
+                raise ValueError(f"checkpoint {root}/{name} is incomplete: no {MANIFEST}")
+            manifest = json.loads(fs.cat_file(f"{base}/{name}/{MANIFEST}"))
+            local.mkdir(parents=True, exist_ok=True)
+            for rel, meta in manifest["files"].items():
+                dst = local / rel
+                if dst.is_file() and dst.stat().st_size == meta["bytes"] and _sha256(dst) == meta["sha256"]:
+                    continue
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if fs.exists(f"{base}/{name}/{rel}"):
+                    fs.get_file(f"{base}/{name}/{rel}", str(dst))
+                else:
+                    dst.unlink(missing_ok=True)
+            _atomic_write(local / MANIFEST, json.dumps(manifest, indent=1).encode())
+            verify(local)
+            return local
+        except ValueError as e:
+            if tag != "latest":
+                raise
+            warn(f"warning: {str(e).replace(str(local), f'{root}/{name}')}; trying the previous checkpoint")
+    raise FileNotFoundError(f"no complete checkpoint to resume under {root}")
+
+
+def prune_remote(root: str, keep: int) -> list[str]:
+    """prune() for a remote checkpoint directory."""
+    if keep <= 0:
+        return []
+    fs, base = fsspec.core.url_to_fs(root)
+    doomed = [t for _, t in _remote_tags(fs, base)][keep:]
+    for name in doomed:
+        fs.rm_file(f"{base}/{name}/{MANIFEST}")
+        fs.rm(f"{base}/{name}", recursive=True)
+    return [f"{root.rstrip('/')}/{t}" for t in doomed]
 
 
 def prune(root: Path, keep: int) -> list[Path]:

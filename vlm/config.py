@@ -49,15 +49,39 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer states and step in CPU memory
     micro_batch_size: int = Field(64, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
+    # the samples of one optimizer step over all workers; when set, grad_accum_steps is
+    # derived from it (it must be a multiple of micro_batch_size × workers)
+    global_batch_size: int | None = Field(None, ge=1)
+    # batch-coupled objectives (InfoNCE, SigLIP, UniCL) over the whole global batch with
+    # the activations of one micro-batch (vlm/gradcache.py)
+    grad_cache: bool = False
     steps: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(3, ge=0)  # newest complete ones kept; 0 keeps all
+    checkpoint_dir: str = "{run_dir}/checkpoints"  # local path or s3://bucket/prefix
     seed: int = 0
     threads_per_worker: int = Field(1, ge=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+        return self
+
+    def accum_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each worker."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_pass = self.micro_batch_size * world_size
+        if self.global_batch_size % per_pass:
+            raise ConfigError(f"train.global_batch_size {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size × workers = {self.micro_batch_size} × {world_size}")
+        return self.global_batch_size // per_pass
 
 
 class MetricsConfig(Strict):

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.reader import ShardReader, list_shards
-from vlm import checkpoint
+from vlm import checkpoint, gradcache
 from vlm.config import RunConfig, dump_config
 from vlm.data import BatchLoader
 from vlm.evaluate import append_eval_log, evaluate_distributed, flat_metrics
@@ -59,17 +61,24 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool, *, load_universal: bool = False) -> dict:
     t = cfg.train
     bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    accum = t.accum_steps(world_size)
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # offload with the run's own torch AdamW (DeepSpeedCPUAdam needs a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
+        "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -120,11 +129,15 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world_size = ensure_process_group()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.set_num_threads(cfg.train.threads_per_worker)
         seed_everything(cfg.train.seed + self.rank)
         self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = cfg.path(cfg.train.checkpoint_dir)
         self.on_gpu = torch.cuda.is_available()
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * self.world_size
+        self.accum = cfg.train.accum_steps(self.world_size)
+        self.global_batch = cfg.train.micro_batch_size * self.accum * self.world_size
+        self.stop_requested = False
 
         tok_path = self.run_dir / TOKENIZER_FILE
         if not tok_path.is_file():
@@ -133,11 +146,17 @@ class Trainer:
         self.text = TextEncoder.from_json(self.tokenizer_json, cfg.model.text.context_length)
 
         model = build_pretrainer(cfg, self.text.vocab_size)
+        if cfg.train.grad_cache and not model.coupled:
+            raise ValueError("train.grad_cache is on but no objective is batch-coupled "
+                             f"({', '.join(o.name for o in cfg.objectives)}): turn it off")
+        ckpt, state = self._locate(resume) if resume else (None, None)
+        universal = (state is not None and state["world_size"] != self.world_size and cfg.train.zero_stage > 0)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=cfg.optim.betas, eps=cfg.optim.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=deepspeed_config(cfg, self.world_size, self.on_gpu))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size, self.on_gpu, load_universal=universal))
         reader = ShardReader(list_shards(cfg.path(cfg.data.train_shards)), rank=self.rank,
                              world_size=self.world_size, seed=cfg.train.seed,
                              shuffle_block=cfg.data.reader.shuffle_block)
@@ -146,7 +165,7 @@ class Trainer:
                                   views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed)
         self.step, self.samples_seen = 0, 0
         if resume:
-            self._resume(resume)
+            self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
         elif self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -156,14 +175,74 @@ class Trainer:
         if self.rank == 0:
             print(message, flush=True)
 
-    def _resume(self, tag: str) -> None:
-        ckpt = checkpoint.resolve(str(self.run_dir), tag, verify_files=True, warn=self._say)
-        state = checkpoint.load(self.engine, ckpt)
-        mine = state["ranks"][self.rank]
-        self.loader.load_state_dict(mine["reader"])
-        checkpoint.set_rng_state(mine["rng"])
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _locate(self, resume: str) -> tuple[Path, dict]:
+        """--resume latest|TAG|PATH -> (a verified local checkpoint dir, its trainer state).
+        Rank 0 resolves (downloading a remote one into {run_dir}/.ckpt_cache) and tells the
+        others, so every rank loads the same checkpoint even when it falls back."""
+        found: tuple[str | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                cache = self.run_dir / ".ckpt_cache"
+                if checkpoint.is_remote(resume):
+                    root, tag = resume.rstrip("/").rsplit("/", 1)
+                    path = checkpoint.fetch_remote(root, tag, cache, warn=self._say)
+                elif checkpoint.is_remote(self.ckpt_root) and not Path(resume).exists():
+                    path = checkpoint.fetch_remote(self.ckpt_root, resume, cache, warn=self._say)
+                elif Path(resume).exists():
+                    path = checkpoint.resolve(resume, verify_files=True, warn=self._say)
+                else:
+                    path = checkpoint.resolve(self.ckpt_root, resume, verify_files=True, warn=self._say)
+                found = (str(path), None)
+            except (FileNotFoundError, ValueError) as e:
+                found = (None, str(e))
+        path, error = self._broadcast(found)
+        if error:
+            raise FileNotFoundError(error)
+        return Path(path), checkpoint.load_trainer_state(Path(path))
+
+    def _to_universal(self, ckpt: Path, state: dict) -> Path:
+        """A ZeRO checkpoint saved at another world size -> DeepSpeed's universal format
+        (converted once per node, cached beside the run), which it loads at any size."""
+        out = self.run_dir / ".universal" / ckpt.name
+        if self.local_rank == 0 and not (out / "zero").is_dir():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            self._say(f"checkpoint {ckpt.name} was saved by {state['world_size']} worker(s), this run has "
+                      f"{self.world_size}: converting it to DeepSpeed's universal format in {out}")
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=False))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        if self.world_size > 1:
+            dist.barrier()
+        return out
+
+    def _restore(self, ckpt: Path, state: dict) -> None:
+        load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+        ranks = state["ranks"]
+        if state["world_size"] == self.world_size:
+            mine = ranks[self.rank]
+            self.loader.load_state_dict(mine["reader"])
+            checkpoint.set_rng_state(mine["rng"])
+        else:
+            self.loader.load_rank_states([r["reader"] for r in ranks])
+            seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self._say(f"resumed from {ckpt} at step {self.step}")
+        self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s))")
 
     def _start_metrics(self) -> TrainMetrics:
         cfg = self.cfg
@@ -174,21 +253,41 @@ class Trainer:
         print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
         return metrics
 
+    def _device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
     def train_step(self) -> dict:
-        """One optimizer step (grad_accum_steps micro-batches); returns what to record."""
+        """One optimizer step (self.accum micro-batches per rank); returns what to record.
+        Losses are the step's: averaged over micro-batches (with the gradient cache, the
+        coupled ones are computed once on the global batch)."""
         t0 = time.perf_counter()
         wait, skipped_before = 0.0, self.engine.skipped_steps
-        for _ in range(self.cfg.train.grad_accum_steps):
-            batch = self.loader.next_batch()
-            wait += self.loader.last_wait_s
-            out = self.engine({k: v.to(self.engine.device) for k, v in batch.items()})
-            self.engine.backward(out["loss"])
+        if self.cfg.train.grad_cache:
+            batches = []
+            for _ in range(self.accum):
+                batches.append(self._device(self.loader.next_batch()))
+                wait += self.loader.last_wait_s
+            r = gradcache.cached_step(self.engine, batches)
             self.engine.step()
+            losses, diagnostics = {"total": r["total"], **r["losses"]}, r["diagnostics"]
+        else:
+            losses, diagnostics = {}, {}
+            for _ in range(self.accum):
+                batch = self.loader.next_batch()
+                wait += self.loader.last_wait_s
+                out = self.engine(self._device(batch))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                for k, v in out.items():
+                    if "/" in k:
+                        diagnostics[k] = float(v)
+                    else:
+                        name = "total" if k == "loss" else k
+                        losses[name] = losses.get(name, 0.0) + float(v.detach()) / self.accum
         self.step += 1
         self.samples_seen += self.global_batch
         grad_norm = self.engine.get_global_grad_norm()
-        return {"losses": {("total" if k == "loss" else k): float(v.detach()) for k, v in out.items() if "/" not in k},
-                "diagnostics": {k: float(v) for k, v in out.items() if "/" in k},
+        return {"losses": losses, "diagnostics": diagnostics,
                 "step_s": time.perf_counter() - t0, "wait_s": wait, "lr": self.engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "skipped": self.engine.skipped_steps > skipped_before}
@@ -209,18 +308,36 @@ class Trainer:
               f"{rate:.0f} samples/s", flush=True)
 
     def save(self) -> None:
-        """Collective. Training stalls for the duration, exported as vlm_checkpoint_save_duration_seconds."""
+        """Collective. Training stalls for the duration, exported as
+        vlm_checkpoint_save_duration_seconds and printed."""
         t0 = time.perf_counter()
         shared = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.model_dump(mode="json"),
-                  "tokenizer": self.tokenizer_json, "world_size": self.world_size}
-        path = checkpoint.save(self.engine, str(self.run_dir), step=self.step, shared_state=shared,
-                               rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()})
+                  "tokenizer": self.tokenizer_json, "world_size": self.world_size,
+                  "zero_stage": self.cfg.train.zero_stage}
+        path = checkpoint.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
+                               rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()},
+                               staging=self.run_dir / ".ckpt_staging")
+        stall = time.perf_counter() - t0
         if self.metrics:
-            self.metrics.record_checkpoint(time.perf_counter() - t0)
-        self._say(f"checkpoint {path} ({time.perf_counter() - t0:.2f}s)")
+            self.metrics.record_checkpoint(stall)
+        self._say(f"checkpoint {path} (training stalled {stall:.2f}s)")
         if self.rank == 0:
-            for old in checkpoint.prune(path.parent, self.cfg.train.keep_checkpoints):
+            keep = self.cfg.train.keep_checkpoints
+            removed = (checkpoint.prune_remote(self.ckpt_root, keep) if checkpoint.is_remote(self.ckpt_root)
+                       else checkpoint.prune(Path(self.ckpt_root), keep))
+            for old in removed:
                 self._say(f"removed old checkpoint {old}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM): all ranks must save together."""
+        if self.world_size == 1:
+            return self.stop_requested
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def evaluate(self) -> None:
         """Collective: every rank embeds its share of the eval set; all get the same figures."""
@@ -236,27 +353,67 @@ class Trainer:
             self.metrics.record_eval(results, step=self.step)
 
     def run(self) -> dict:
+        """Steps until cfg.train.steps; on SIGTERM (a preemption, `ray job stop`) every rank
+        finishes its step, a checkpoint is saved and the run ends early ("stopped")."""
         cfg = self.cfg
         log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
-        last_saved = self.step
+        last_saved, stopped = self.step, False
+        try:
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread (e.g. inside a Ray Train worker): the launcher handles it
+            previous = None
         try:
             while self.step < cfg.train.steps:
                 self.record(self.train_step(), log)
                 if cfg.eval.every_steps and (self.step % cfg.eval.every_steps == 0 or self.step == cfg.train.steps):
                     self.evaluate()
+                if self._agree_to_stop():
+                    self._say(f"stop requested (SIGTERM): saving at step {self.step}")
+                    stopped = True
+                    break
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
                     self.save()
                     last_saved = self.step
             if last_saved != self.step:
                 self.save()
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if log:
                 log.close()
             if self.metrics:
                 self.metrics.close()
-        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank}
+        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped}
 
 
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
     """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank."""
     return Trainer(cfg, resume=resume).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a run without Ray: under torchrun (or any launcher setting RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or alone as a single process."""
+    import argparse
+
+    from vlm.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m vlm.engine", description=main.__doc__)
+    ap.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded defaults)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
+    ap.add_argument("--resume", metavar="latest|TAG|PATH", help="continue from a checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"python -m vlm.engine: {e}")
+        return 2
+    summary = train(cfg, resume=args.resume)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if summary else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

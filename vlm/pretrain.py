@@ -19,6 +19,8 @@ inside the module DeepSpeed wraps (ZeRO-3 gathers parameters in forward hooks):
              gradient is the cached one (see vlm/gradcache.py)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -52,17 +54,21 @@ class Pretrainer(nn.Module):
             out["view_pooled"] = self.model.visual(batch["views"])["pooled"]
         return out
 
-    def losses(self, out: dict, batch: dict, which: list[int], scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def losses(self, out: dict, batch: dict, which: list[int], scale: float = 1.0,
+               hooks: bool = True) -> dict[str, torch.Tensor]:
         """The objectives `which` on (out, batch): their named losses, diagnostics ("a/b",
-        detached) and "loss", their weighted sum times `scale` (None when `which` is empty)."""
+        detached) and "loss", their weighted sum times `scale` (None when `which` is empty).
+        hooks=False calls the objectives' forward directly, past any module hooks (the
+        gradient cache's coupled pass, whose parameters the caller has gathered)."""
         result: dict[str, torch.Tensor] = {}
         total = None
         for i in which:
             objective, weight = self.objectives[i], self.weights[i]
+            call = objective if hooks else objective.forward
             if getattr(objective, "uses_model", False):
-                named = objective(out, batch, model=self.model)
+                named = call(out, batch, model=self.model)
             else:
-                named = objective(out, batch)
+                named = call(out, batch)
             for key, value in named.items():
                 if "/" in key:
                     result[key] = value.detach()
@@ -82,9 +88,10 @@ class Pretrainer(nn.Module):
         "coupled" (kw: out) -> the coupled objectives' losses on precomputed outputs `out`
         (the gradient cache differentiates them with respect to `out`);
         "replay" -> the surrogate "loss" of one micro-batch and its per-sample losses; kw:
-        n_micro, and either grads {key: cached dL/d out} or, for the micro-batch that also
-        carries the objectives' own parameter gradients, whole {key: every micro-batch's
-        detached outputs}, whole_batch (their batch) and rows (start, end) of this one."""
+        n_micro, grads {key: cached dL/d out of this micro-batch's rows}, param_grads {name:
+        cached dL/d p of the coupled objectives' parameters}; the result also holds
+        "_per_sample_total" (their weighted sum, detached) and, with keep_outputs,
+        "_outputs" (this micro-batch's coupled outputs)."""
         if mode == "train":
             return self.losses(self.outputs(batch), batch, list(range(len(self.objectives))))
         if mode == "embed":
@@ -96,21 +103,41 @@ class Pretrainer(nn.Module):
             return self._replay(batch, **kw)
         raise ValueError(f"unknown Pretrainer mode {mode!r}")
 
-    def _replay(self, batch, *, n_micro: int, grads: dict | None = None, whole: dict | None = None,
-                whole_batch: dict | None = None, rows: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    def coupled_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The coupled objectives' own trainable parameters (temperature, bias, heads)."""
+        return [(f"objectives.{i}.{n}", p) for i in self.coupled
+                for n, p in self.objectives[i].named_parameters() if p.requires_grad]
+
+    def _replay(self, batch, *, n_micro: int, grads: dict, param_grads: dict | None = None,
+                keep_outputs: bool = False) -> dict[str, torch.Tensor]:
         out = self.outputs(batch)
-        # The engine divides every micro-batch's loss by n_micro (gradient accumulation);
-        # the coupled term is the gradient of the whole step's coupled loss: undo that.
-        if grads is not None:
-            surrogate = sum((out[k] * grads[k]).sum() for k in self.coupled_keys) * n_micro
-        else:
-            a, b = rows
-            spliced = {k: torch.cat([whole[k][:a], out[k], whole[k][b:]]) for k in self.coupled_keys}
-            surrogate = self.losses(spliced, whole_batch, self.coupled)["loss"] * n_micro
+        # The engine divides every micro-batch's loss by n_micro (gradient accumulation):
+        # the embeddings' term carries the whole step's gradient of this micro-batch's rows,
+        # so it is multiplied back; the objectives' parameters get their whole-batch
+        # gradient a 1/n_micro share per micro-batch (every parameter receives a gradient
+        # in every micro-batch, as in a plain step: ZeRO-3 mis-accumulates otherwise).
+        surrogate = sum((out[k] * grads[k]).sum() for k in self.coupled_keys) * n_micro
+        if param_grads:
+            params = self.coupled_parameters()
+            with gathered([p for _, p in params]):
+                surrogate = surrogate + sum((p * param_grads[n]).sum() for n, p in params)
         result = self.losses(out, batch, self.per_sample) if self.per_sample else {"loss": None}
         per_sample = result.pop("loss")
         result["loss"] = surrogate if per_sample is None else surrogate + per_sample
+        result["_per_sample_total"] = None if per_sample is None else per_sample.detach()
+        if keep_outputs:
+            result["_outputs"] = {k: out[k] for k in self.coupled_keys}
         return result
+
+
+def gathered(params: list):
+    """Under ZeRO-3 (parameters carry DeepSpeed's `ds_id`), these parameters gathered whole
+    while the block runs; otherwise nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def model_state_from_pretrainer(state: dict) -> dict:

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "optionally mask (paths relative to the CSV; rows sharing a path are one image "
                        "with several captions). Settings come from the checkpoint's eval section, "
                        "overridable with --set eval.KEY=VALUE.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run directory or a checkpoint directory")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run directory, a checkpoint directory or an export from `vlm ckpt export` (*.safetensors)")
     p.add_argument("--data", metavar="PATH",
                    help="shard directory, image folder or .csv (default: the run's data.eval_shards)")
     p.add_argument("--task", action="append", choices=["zeroshot", "retrieval", "linear-probe", "dense"],
@@ -125,14 +125,20 @@ def prepare_tokenizer(cfg) -> None:
         print(f"trained a BPE tokenizer on the training captions: {path}")
 
 
+def checkpoint_remote(cfg) -> bool:
+    from vlm.checkpoint import is_remote
+
+    return is_remote(cfg.path(cfg.train.checkpoint_dir))
+
+
 def cmd_train(args) -> int:
     from cluster.launch import run_training
     from cluster.ray_local import ray_session
 
     cfg = load_config(args.config, args.overrides)
     if not args.resume:
-        latest = Path(cfg.run_dir) / "checkpoints" / "latest"
-        if latest.is_file():
+        latest = Path(cfg.path(cfg.train.checkpoint_dir)) / "latest"
+        if not checkpoint_remote(cfg) and latest.is_file():
             raise FileExistsError(f"{cfg.run_dir} already has checkpoints (newest: {latest.read_text().strip()}): "
                                   f"pass --resume latest to continue it, or --set run_dir=NEW_DIR to start over")
         prepare_tokenizer(cfg)

@@ -102,7 +102,13 @@ def save(engine, root: str, *, step: int, shared_state: dict, rank_state: dict,
     local_root = Path(staging if remote else root)
     tag = tag_for_step(step)
     local = local_root / tag
-    engine.save_checkpoint(str(local_root), tag=tag, save_latest=False)
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    # what DeepSpeed's universal conversion (a resume at another world size) requires; pure
+    # data parallelism: no tensor-parallel patterns to declare
+    info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(local_root), tag=tag, save_latest=False, client_state=info)
     per_rank = _gather(rank_state)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.reader import ShardReader, list_shards
+from data_pipeline.reader import build_reader
 from vlm import checkpoint, gradcache
 from vlm.config import RunConfig, dump_config
 from vlm.data import BatchLoader
@@ -157,12 +157,12 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world_size, self.on_gpu, load_universal=universal))
-        reader = ShardReader(list_shards(cfg.path(cfg.data.train_shards)), rank=self.rank,
-                             world_size=self.world_size, seed=cfg.train.seed,
-                             shuffle_block=cfg.data.reader.shuffle_block)
+        reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=self.rank,
+                              world_size=self.world_size, seed=cfg.train.seed, expand=cfg.path)
         self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
                                   image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
-                                  views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed)
+                                  views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
+                                  needs=model.needs)
         self.step, self.samples_seen = 0, 0
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
@@ -242,7 +242,15 @@ class Trainer:
             self.loader.load_rank_states([r["reader"] for r in ranks])
             seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
-        self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s))")
+        self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s)); "
+                  f"optimizer state restored (Adam step {self._optimizer_steps()})")
+
+    def _optimizer_steps(self) -> int:
+        """Adam's step count in the (possibly ZeRO-wrapped) optimizer: 0 for a fresh one."""
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        steps = [int(st["step"]) for st in getattr(inner, "state", {}).values() if "step" in st]
+        return max(steps, default=0)
 
     def _start_metrics(self) -> TrainMetrics:
         cfg = self.cfg

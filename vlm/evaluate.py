@@ -88,13 +88,26 @@ def retrieval_metrics(image_embed: torch.Tensor, text_embed: torch.Tensor, text_
 
 
 def load_eval_model(path: str) -> tuple[CLIP, TextEncoder, RunConfig]:
-    """A run dir or a checkpoint dir -> (model in eval mode, text encoder, its config)."""
-    ckpt = checkpoint.resolve(path)
-    state = checkpoint.load_trainer_state(ckpt)
-    cfg = config_from_dict(state["config"])
-    text = TextEncoder.from_json(state["tokenizer"], cfg.model.text.context_length)
+    """A run dir, a checkpoint dir (any ZeRO stage: the weights are consolidated) or an
+    export from `vlm ckpt export` (*.safetensors) -> (model in eval mode, text encoder,
+    its config)."""
+    import json
+
+    from vlm.export import consolidated_state, load_export
+
+    if str(path).endswith(".safetensors"):
+        tensors, meta = load_export(path)
+        tree, tokenizer = json.loads(meta["vlm_config"]), meta["vlm_tokenizer"]
+        weights = {k: v for k, v in tensors.items() if not k.startswith("objectives.")}
+    else:
+        ckpt = checkpoint.resolve(path)
+        state = checkpoint.load_trainer_state(ckpt)
+        tree, tokenizer = state["config"], state["tokenizer"]
+        weights = model_state_from_pretrainer(consolidated_state(ckpt, state))
+    cfg = config_from_dict(tree)
+    text = TextEncoder.from_json(tokenizer, cfg.model.text.context_length)
     model = build_clip(cfg.model, text.vocab_size)
-    model.load_state_dict(model_state_from_pretrainer(checkpoint.load_module_weights(ckpt)))
+    model.load_state_dict(weights)
     return model.eval(), text, cfg
 
 

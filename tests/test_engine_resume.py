@@ -222,3 +222,13 @@ def test_checkpoints_on_s3_save_and_resume(data, s3):
     assert "trainer_state.pt does not match its manifest" in out
     assert "at step 3" in out
     assert fs.cat_file("ckpts/run1/latest").decode() == "step_00000008"
+
+
+def test_optimizer_offload_trains_and_resumes(data):
+    root, shards, tok = data
+    d = new_run(root, "offload", tok)
+    run(d, shards, 1, "train.steps=3", "train.checkpoint_every=2", "train.zero_stage=3",
+        "train.offload_optimizer=true")
+    out = run(d, shards, 1, "train.steps=4", "train.zero_stage=3", "train.offload_optimizer=true", resume="latest")
+    assert "at step 3" in out and "optimizer state restored (Adam step 3)" in out
+    assert sorted(losses(d)) == [1, 2, 3, 4]

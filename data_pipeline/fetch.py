@@ -3,15 +3,18 @@
 Guarantees: each attempt ends by ``deadline_s`` (headers and body, even against a server
 that trickles bytes or never answers); at most ``max_bytes`` are held; hosts resolving to
 private/loopback/link-local/reserved/multicast addresses are refused before any connection
-(unless allow-listed), and every redirect hop is checked again; ``X-Robots-Tag`` AI
-opt-outs are honoured. Only connection errors, timeouts, 5xx and 429 are retried.
+(unless allow-listed), every redirect hop is checked again, and the connection goes to the
+address that was checked; a host is resolved once per ``dns_cache_s`` per process;
+``X-Robots-Tag`` AI opt-outs are honoured. Only connection errors, timeouts, 5xx and 429
+are retried, with exponential backoff.
 
 Reasons: bad_url, dns_error, private_address, connection_error, timeout, deadline,
-too_large, too_many_redirects, robots_optout, http_<code>.
+too_large, empty_body, too_many_redirects, robots_optout, http_<code>.
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import socket
 import threading
@@ -77,6 +80,50 @@ class DomainRateLimiter:
         return max(delay, 0.0)
 
 
+class _Watchdog:
+    """One thread per process that runs callbacks at their deadlines: a deadline per
+    request without a timer thread per request."""
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, list]] = []
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, when: float, callback) -> "_Handle":
+        entry = [callback]
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (when, self._seq, entry))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, daemon=True, name="fetch-watchdog")
+                self._thread.start()
+            self._cond.notify()
+        return _Handle(entry)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                _, _, entry = heapq.heappop(self._heap)
+            callback = entry[0]
+            if callback is not None:
+                try:
+                    callback()
+                except Exception:  # a failing cut must not stop the watchdog
+                    pass
+
+
+class _Handle:
+    def __init__(self, entry: list):
+        self._entry = entry
+
+    def cancel(self) -> None:
+        self._entry[0] = None
+
+
+_watchdog = _Watchdog()
 _local = threading.local()
 
 
@@ -100,11 +147,66 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-def check_host(url: str, allow: list[str]) -> str:
-    """Validate scheme and host of ``url``; raise ``_Failure`` if it must not be fetched.
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses the OS resolver gives for ``host`` (the one place DNS is asked)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0].split("%")[0] for info in infos))
 
-    Note the address is resolved again when connecting; a DNS answer that changes in
-    between (rebinding) is not caught here.
+
+class _DnsCache:
+    """Host -> addresses (or the resolver's error) for ``ttl`` seconds, shared by the
+    threads of a process: a shard of 10,000 URLs on one host asks DNS once, not 10,000
+    times, and a dead domain is not asked again for every row that names it."""
+
+    def __init__(self):
+        self._entries: dict[str, tuple[float, list[str] | str]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, host: str, port: int, ttl: float) -> list[str]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(host)
+        if hit is None or hit[0] <= now:
+            try:
+                value: list[str] | str = resolve_host(host, port)
+            except (OSError, UnicodeError) as e:
+                value = f"{host}: {e}"
+            if ttl > 0:
+                with self._lock:
+                    if len(self._entries) > 100_000:  # bounded: a long run meets many hosts
+                        self._entries.clear()
+                    self._entries[host] = (now + ttl, value)
+            hit = (now + ttl, value)
+        if isinstance(hit[1], str):
+            raise _Failure("dns_error", hit[1])
+        return hit[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+dns_cache = _DnsCache()
+
+
+@dataclass
+class Target:
+    """Where one request goes: the checked address to connect to and the name to ask for."""
+
+    scheme: str
+    host: str  # lower-cased name from the URL (Host header, TLS SNI and certificate check)
+    port: int
+    address: str  # the checked IP the connection is made to
+    netloc: str  # Host header value
+    path: str  # path and query
+
+
+def check_host(url: str, cfg: FetchConfig) -> Target:
+    """Validate ``url`` and resolve its host; raise ``_Failure`` if it must not be fetched.
+
+    Every address must be public unless the name or the address is allow-listed. The
+    request then connects to the address checked here (not to a second DNS answer), so a
+    name whose DNS answer changes in between (rebinding) cannot slip through.
     """
     try:
         parts = urlsplit(url)
@@ -114,19 +216,22 @@ def check_host(url: str, allow: list[str]) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise _Failure("bad_url", f"unsupported URL {url!r}")
     host = parts.hostname.lower()
-    allowed = {a.lower() for a in allow}
-    if host in allowed:
-        return host
     port = port or (443 if parts.scheme == "https" else 80)
+    allowed = {a.lower() for a in cfg.allow_private_hosts}
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise _Failure("dns_error", f"{host}: {e}") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not _is_public(ip) and str(ip) not in allowed:
-            raise _Failure("private_address", f"{host} resolves to {ip}")
-    return host
+        addresses = [str(ipaddress.ip_address(host))]  # a literal address: no DNS
+    except ValueError:
+        addresses = cfg.resolve.get(host) or dns_cache.lookup(host, port, cfg.dns_cache_s)
+    if host not in allowed:
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            if not _is_public(ip) and str(ip) not in allowed:
+                raise _Failure("private_address", f"{host} resolves to {ip}")
+    netloc = parts.netloc.rpartition("@")[2]
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(parts.scheme, host, port, addresses[0], netloc, path)
 
 
 def robots_optout(header_values: list[str], user_agent: str) -> bool:
@@ -160,9 +265,7 @@ def _read_body(resp, cfg: FetchConfig, deadline: float) -> bytes:
         expired.set()
         resp.shutdown()
 
-    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), cut)
-    timer.daemon = True
-    timer.start()
+    timer = _watchdog.schedule(deadline, cut)
     chunks, total = [], 0
     try:
         while True:
@@ -187,22 +290,32 @@ def _read_body(resp, cfg: FetchConfig, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+def _connection(target: Target):
+    """A keep-alive pool to the checked address that still speaks to the named host."""
+    kwargs = {}
+    if target.scheme == "https":
+        kwargs = {"server_hostname": target.host, "assert_hostname": target.host}
+    return _pool().connection_from_host(target.address, target.port, target.scheme, pool_kwargs=kwargs)
+
+
 def _attempt(url: str, cfg: FetchConfig, rate_limiter) -> tuple[bytes, int, str]:
     """One attempt, following redirects; returns (body, http_status, final_url)."""
-    deadline = time.monotonic() + cfg.deadline_s
+    deadline = None
     headers = {"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"}
     for _hop in range(cfg.max_redirects + 1):
-        host = check_host(url, cfg.allow_private_hosts)
+        target = check_host(url, cfg)
         if rate_limiter is not None:
-            rate_limiter.wait(host)
+            rate_limiter.wait(target.host)
+        if deadline is None:  # the clock starts once our turn has come, not while queued
+            deadline = time.monotonic() + cfg.deadline_s
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _Failure("deadline", "no time left before the deadline")
         timeout = urllib3.Timeout(connect=min(cfg.connect_timeout_s, remaining), read=remaining)
         try:
-            resp = _pool().request(
-                "GET", url, headers=headers, timeout=timeout, retries=False,
-                redirect=False, preload_content=False,
+            resp = _connection(target).urlopen(
+                "GET", target.path, headers={**headers, "Host": target.netloc}, timeout=timeout,
+                retries=False, redirect=False, preload_content=False, assert_same_host=False,
             )
         except NewConnectionError as e:  # before TimeoutError: it subclasses it
             raise _Failure("connection_error", f"{type(e).__name__}: {e}") from None
@@ -226,6 +339,8 @@ def _attempt(url: str, cfg: FetchConfig, rate_limiter) -> tuple[bytes, int, str]
                 raise _Failure("robots_optout", "X-Robots-Tag opts out", resp.status)
             body = _read_body(resp, cfg, deadline)
             complete = True
+            if not body:
+                raise _Failure("empty_body", "HTTP 200 with an empty body", resp.status)
             return body, resp.status, url
         finally:
             # Only a fully read response may go back to the pool; anything else

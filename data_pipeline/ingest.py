@@ -2,9 +2,10 @@
 
 Per shard ``{id:05d}`` in ``output_dir``: ``.tar`` (image, ``txt`` caption, ``json``
 metadata per sample), ``.parquet`` (one row per input row, success or failure with its
-reason) and ``_stats.json``. Each file is written under a temporary name and renamed;
-``_stats.json`` goes last, so its presence means the shard is committed and a rerun
-skips it.
+reason) and ``_stats.json``. Each file is written under a temporary name (``.NAME.tmp-*``,
+never ``*.tar``) and renamed; ``_stats.json`` goes last, so its presence means the shard
+is committed and a rerun skips it. ``retry_failed`` redoes only the failed rows of
+committed shards. Exact duplicates (by content hash) are dropped across the whole run.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
+import resource
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -29,12 +30,17 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from data_pipeline.config import IngestConfig
+from data_pipeline.dedup import DedupRegistry, ProgressReporter, claim
 from data_pipeline.fetch import DomainRateLimiter, fetch
-from data_pipeline.table import read_table
+from data_pipeline.table import count_rows, iter_shards
+from data_pipeline.tarwrite import write_samples
 
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+_EXIF_ORIENTATION = 0x0112
+_DOWNSCALE = {"box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC,
+              "lanczos": Image.Resampling.LANCZOS}
 _RESERVED_COLUMNS = (
-    "key", "url", "caption", "status", "reason", "error", "width", "height", "sha256",
+    "key", "url", "caption", "status", "reason", "error", "width", "height", "sha256", "language",
 )
 
 
@@ -65,13 +71,17 @@ def decode_image(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, int, int]
         raise Rejected("too_many_pixels", f"{width}x{height} > {cfg.max_pixels} pixels")
     if min(width, height) < max(cfg.min_image_size, 1):
         raise Rejected("too_small", f"{width}x{height}")
+    if cfg.max_image_size and max(width, height) > cfg.max_image_size:
+        raise Rejected("too_big", f"{width}x{height} > {cfg.max_image_size}")
     if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
         raise Rejected("bad_aspect_ratio", f"{width}x{height}")
     try:
         if cfg.resize_mode != "no" and img.format == "JPEG":
             img.draft("RGB", (cfg.image_size, cfg.image_size))  # decode at reduced scale
         img.load()
-        img = _to_rgb(ImageOps.exif_transpose(img))
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
+            img = ImageOps.exif_transpose(img)
+        img = _to_rgb(img)
     except Image.DecompressionBombError as e:
         raise Rejected("too_many_pixels", str(e)) from None
     except Exception as e:
@@ -89,26 +99,27 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize_image(img: Image.Image, size: int, mode: str) -> Image.Image:
+def resize_image(img: Image.Image, size: int, mode: str, downscale: str = "box") -> Image.Image:
     """``center_crop``: shorter side to ``size`` then crop the centre square;
     ``keep_ratio``: shorter side to ``size``; ``border``: longer side to ``size`` then pad
-    to a black square; ``no``: unchanged."""
+    to a black square; ``no``: unchanged.
+
+    Shrinking uses ``downscale`` ("box": area averaging, like OpenCV's INTER_AREA that
+    img2dataset uses; "bicubic"; "lanczos"), enlarging bicubic. center_crop resamples
+    only the centre square of the source, not the whole image."""
     if mode == "no":
         return img
     w, h = img.size
     scale = size / (max(w, h) if mode == "border" else min(w, h))
+    resample = _DOWNSCALE[downscale] if scale < 1 else Image.Resampling.BICUBIC
+    if mode == "center_crop":
+        side = min(w, h)
+        box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return img.resize((size, size), resample, box=box)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
-        downscale = scale < 1
-        img = img.resize(
-            (nw, nh),
-            Image.Resampling.LANCZOS if downscale else Image.Resampling.BICUBIC,
-            reducing_gap=3.0 if downscale else None,
-        )
-    if mode == "center_crop":
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    elif mode == "border":
+        img = img.resize((nw, nh), resample)
+    if mode == "border":
         canvas = Image.new("RGB", (size, size))
         canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
         img = canvas
@@ -124,15 +135,33 @@ def encode_image(img: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def caption_reason(caption: Any, min_words: int) -> str | None:
-    if caption is None or not str(caption).strip():
-        return "no_caption"
-    if len(str(caption).split()) < min_words:
-        return "caption_too_short"
-    return None
-
-
 # ---------------------------------------------------------------- one row
+
+
+def caption_reason(caption: Any, cfg: IngestConfig) -> tuple[str | None, str | None, str | None]:
+    """(reason, detail, detected language) for a caption; reason None = keep.
+
+    Cheap rules run before the download, so a row they drop costs no request."""
+    if caption is None or not str(caption).strip():
+        return "no_caption", None, None
+    text = str(caption)
+    words = len(text.split())
+    if words < cfg.min_caption_words:
+        return "caption_too_short", f"{words} words < {cfg.min_caption_words}", None
+    if cfg.max_caption_words and words > cfg.max_caption_words:
+        return "caption_too_long", f"{words} words > {cfg.max_caption_words}", None
+    if len(text) < cfg.min_caption_length:
+        return "caption_too_short", f"{len(text)} characters < {cfg.min_caption_length}", None
+    if cfg.max_caption_length and len(text) > cfg.max_caption_length:
+        return "caption_too_long", f"{len(text)} characters > {cfg.max_caption_length}", None
+    if not cfg.languages:
+        return None, None, None
+    from data_pipeline.lang import detect
+
+    language, score = detect(text)
+    if language not in cfg.languages or score < cfg.min_language_score:
+        return "wrong_language", f"{language} ({score:.2f})", language
+    return None, None, language
 
 
 @dataclass
@@ -145,48 +174,84 @@ class _Outcome:
     width: int | None = None
     height: int | None = None
     sha256: str | None = None
+    language: str | None = None
     image: bytes | None = None
+    image_ext: str = "jpg"
     downloaded: int = 0
 
     @property
     def ok(self) -> bool:
         return self.reason is None
 
+    def reject(self, reason: str, error: str | None) -> None:
+        self.reason, self.error, self.image = reason, error, None
+
 
 def _process_row(row: dict, key: str, cfg: IngestConfig, limiter) -> _Outcome:
     url, caption = row.get(cfg.url_col), row.get(cfg.caption_col)
     if isinstance(caption, str):
         caption = caption.strip()
-    out = _Outcome(key=key, url=url, caption=caption)
-    reason = caption_reason(caption, cfg.min_caption_words)
+    out = _Outcome(key=key, url=url, caption=caption, image_ext=cfg.encode_format)
+    reason, detail, out.language = caption_reason(caption, cfg)
     if reason is None and not (isinstance(url, str) and url.strip()):
-        reason = "bad_url"
+        reason, detail = "bad_url", "empty URL"
     if reason is not None:  # checked first: no point downloading what we will drop
-        out.reason = reason
+        out.reject(reason, detail)
         return out
     result = fetch(url.strip(), cfg.fetch, rate_limiter=limiter)
     if not result.ok:
-        out.reason, out.error = result.reason, result.error
+        out.reject(result.reason, result.error)
         return out
     out.downloaded = len(result.data)
     out.sha256 = hashlib.sha256(result.data).hexdigest()
     try:
         img, out.width, out.height = decode_image(result.data, cfg)
-        img = resize_image(img, cfg.image_size, cfg.resize_mode)
+        img = resize_image(img, cfg.image_size, cfg.resize_mode, cfg.downscale)
         out.image = encode_image(img, cfg.encode_format, cfg.encode_quality)
     except Rejected as r:
-        out.reason, out.error = r.reason, str(r)
+        out.reject(r.reason, str(r))
     except Exception as e:  # a bug or an exotic image must cost one sample, not the shard
-        out.reason, out.error = "processing_error", f"{type(e).__name__}: {e}"
+        out.reject("processing_error", f"{type(e).__name__}: {e}")
     return out
+
+
+def _mark_duplicates(outcomes: list[_Outcome], registry, shard_id: int) -> None:
+    """Exact duplicates by content hash: the first row of the shard with a hash, then the
+    first shard of the run to claim it (see ``data_pipeline.dedup``), keeps the image."""
+    first: dict[bytes, str] = {}
+    entries = []
+    for out in outcomes:
+        if not out.ok or out.sha256 is None:
+            continue
+        digest = bytes.fromhex(out.sha256)
+        if digest in first:
+            out.reject("duplicate", f"same image as {first[digest]}")
+            continue
+        first[digest] = out.key
+        entries.append((digest, out.key))
+    by_key = {out.key: out for out in outcomes}
+    for (_, key), owner in zip(entries, claim(registry, shard_id, entries)):
+        if owner != key:
+            by_key[key].reject("duplicate", f"same image as {owner}")
 
 
 # ---------------------------------------------------------------- one shard
 
 
+TRANSIENT_REASONS = frozenset(
+    {"connection_error", "timeout", "deadline", "dns_error", "http_408", "http_429", "processing_error"}
+)
+
+
+def is_transient(reason: str | None) -> bool:
+    """Failures worth fetching again later (what ``--retry-failed`` retries by default)."""
+    return reason is not None and (reason in TRANSIENT_REASONS or
+                                   (reason.startswith("http_5") and reason[5:].isdigit()))
+
+
 def _atomic_write(fs, path: str, write: Callable[[Any], None]) -> None:
     directory, name = path.rsplit("/", 1)
-    tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex}"
+    tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex}"  # never matches *.tar / *.parquet
     try:
         with fs.open(tmp, "wb") as f:
             write(f)
@@ -210,24 +275,19 @@ def _extras(row: dict, cfg: IngestConfig) -> dict:
 
 
 def _write_tar(f, outcomes: list[_Outcome], rows: list[dict], cfg: IngestConfig) -> None:
-    import webdataset as wds
-
-    # mtime fixed so the same input gives the same bytes
-    with wds.TarWriter(f, mtime=0) as sink:
+    def samples():
         for out, row in zip(outcomes, rows):
             if not out.ok:
                 continue
             meta = {
                 "key": out.key, "url": out.url, "caption": out.caption, "status": "success",
                 "width": out.width, "height": out.height, "sha256": out.sha256,
+                **({"language": out.language} if out.language else {}),
                 **_extras(row, cfg),
             }
-            sink.write({
-                "__key__": out.key,
-                cfg.encode_format: out.image,
-                "txt": str(out.caption).encode("utf-8"),
-                "json": json.dumps(meta, default=str, ensure_ascii=False).encode("utf-8"),
-            })
+            yield {"__key__": out.key, out.image_ext: out.image, "txt": str(out.caption), "json": meta}
+
+    write_samples(f, samples())
 
 
 def _status_table(outcomes: list[_Outcome], rows: list[dict], cfg: IngestConfig) -> pa.Table:
@@ -243,6 +303,7 @@ def _status_table(outcomes: list[_Outcome], rows: list[dict], cfg: IngestConfig)
             "width": out.width,
             "height": out.height,
             "sha256": out.sha256,
+            "language": out.language,
             **_extras(row, cfg),
         })
     return pa.Table.from_pylist(records)
@@ -253,22 +314,89 @@ def shard_paths(output_dir: str, shard_id: int) -> dict[str, str]:
     return {"tar": f"{base}.tar", "parquet": f"{base}.parquet", "stats": f"{base}_stats.json"}
 
 
-def ingest_shard(rows: list[dict], shard_id: int, output_dir: str, cfg: IngestConfig) -> dict:
-    """Download, filter and write one shard; returns its stats (``skipped`` if committed)."""
+def _read_stats(fs, paths: dict) -> dict:
+    with fs.open(paths["stats"], "r") as f:
+        return json.load(f)
+
+
+def _previous_outcomes(fs, paths: dict, keys: list[str]) -> list[_Outcome | None]:
+    """A committed shard's rows as outcomes, successes with their image bytes; None where a
+    row must be fetched again (a success whose image the tar lacks, after a crash between
+    the renames of an earlier retry)."""
+    import tarfile
+
+    with fs.open(paths["parquet"], "rb") as f:
+        status = {r["key"]: r for r in pq.read_table(f).to_pylist()}
+    images: dict[str, tuple[str, bytes]] = {}
+    with fs.open(paths["tar"], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            if member.isfile() and ext in _PIL_FORMATS:
+                images[key] = (ext, tar.extractfile(member).read())
+    previous: list[_Outcome | None] = []
+    for key in keys:
+        row = status.get(key)
+        if row is None or (row["status"] == "success" and key not in images):
+            previous.append(None)
+            continue
+        out = _Outcome(key=key, url=row["url"], caption=row["caption"], reason=row["reason"],
+                       error=row["error"], width=row["width"], height=row["height"],
+                       sha256=row["sha256"], language=row.get("language"))
+        if row["status"] == "success":
+            out.image_ext, out.image = images[key]
+        else:
+            out.reason = out.reason or "unknown"
+        previous.append(out)
+    return previous
+
+
+def _wants_retry(out: _Outcome | None, retry_reasons: frozenset[str] | None) -> bool:
+    if out is None:
+        return True
+    if out.ok:
+        return False
+    return is_transient(out.reason) if not retry_reasons else (
+        "all" in retry_reasons or out.reason in retry_reasons)
+
+
+def ingest_shard(rows: list[dict] | pa.Table, shard_id: int, output_dir: str, cfg: IngestConfig, *,
+                 registry=None, retry_reasons: frozenset[str] | None = None,
+                 retry_failed: bool = False) -> dict:
+    """Download, filter and write one shard; returns its stats (``skipped`` if committed).
+
+    With ``retry_failed`` a committed shard is redone in place: only its failed rows whose
+    reason is in ``retry_reasons`` (default: the transient ones, see ``is_transient``; "all"
+    for every reason) are fetched again, the rest is carried over from the shard's files."""
     start = time.monotonic()
     fs, root = fsspec.core.url_to_fs(output_dir)
     paths = shard_paths(root, shard_id)
-    if fs.exists(paths["stats"]):
-        with fs.open(paths["stats"], "r") as f:
-            return {**json.load(f), "skipped": True}
-    fs.makedirs(root, exist_ok=True)
-
+    if isinstance(rows, pa.Table):
+        rows = rows.to_pylist()
     width = max(4, len(str(cfg.shard_size - 1)))
     keys = [f"{shard_id:05d}{i:0{width}d}" for i in range(len(rows))]
+    previous = None
+    if fs.exists(paths["stats"]):
+        if not retry_failed:
+            return {**_read_stats(fs, paths), "skipped": True}
+        previous = _previous_outcomes(fs, paths, keys)
+    todo = [i for i in range(len(rows)) if previous is None or _wants_retry(previous[i], retry_reasons)]
+    if previous is not None and not todo:
+        return {**_read_stats(fs, paths), "skipped": True}
+    fs.makedirs(root, exist_ok=True)
+
+    outcomes: list[_Outcome | None] = list(previous) if previous is not None else [None] * len(rows)
     rate = cfg.fetch.rate_limit_per_domain
     limiter = DomainRateLimiter(rate) if rate > 0 else None
-    with ThreadPoolExecutor(max_workers=max(1, min(cfg.threads, len(rows)))) as pool:
-        outcomes = list(pool.map(lambda k, r: _process_row(r, k, cfg, limiter), keys, rows))
+    reporter = ProgressReporter(registry, shard_id)
+
+    def work(i: int) -> None:
+        outcomes[i] = _process_row(rows[i], keys[i], cfg, limiter)
+        reporter.add(outcomes[i].ok)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(cfg.threads, len(todo) or 1))) as pool:
+        list(pool.map(work, todo))
+    if cfg.dedup:
+        _mark_duplicates(outcomes, registry, shard_id)
 
     _atomic_write(fs, paths["tar"], lambda f: _write_tar(f, outcomes, rows, cfg))
     table = _status_table(outcomes, rows, cfg)
@@ -280,7 +408,9 @@ def ingest_shard(rows: list[dict], shard_id: int, output_dir: str, cfg: IngestCo
         "success": len(outcomes) - sum(failures.values()),
         "failed": sum(failures.values()),
         "failures_by_reason": dict(sorted(failures.items())),
-        "bytes_downloaded": sum(o.downloaded for o in outcomes),
+        "fetched": len(todo),
+        "retry": previous is not None,
+        "bytes_downloaded": sum(outcomes[i].downloaded for i in todo),
         "bytes_written": fs.size(paths["tar"]),
         "elapsed_s": round(time.monotonic() - start, 3),
     }
@@ -300,27 +430,35 @@ class IngestSummary:
     shards_written: int = 0
     samples_success: int = 0
     samples_failed: int = 0
+    samples_fetched: int = 0
     failures_by_reason: Counter = field(default_factory=Counter)
     elapsed_s: float = 0.0
+    driver_peak_rss_bytes: int = 0
 
     def add(self, stats: dict) -> None:
+        if stats.get("skipped"):
+            self.shards_skipped += 1
+            return
         self.shards_written += 1
         self.samples_success += stats["success"]
         self.samples_failed += stats["failed"]
+        self.samples_fetched += stats.get("fetched", stats["total"])
         self.failures_by_reason.update(stats["failures_by_reason"])
 
     def format(self) -> str:
         total = self.samples_success + self.samples_failed
         pct = 100.0 * self.samples_failed / total if total else 0.0
-        rate = total / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        rate = self.samples_fetched / self.elapsed_s if self.elapsed_s > 0 else 0.0
         lines = [
             f"shards    {self.shards_total} total, {self.shards_skipped} skipped, "
             f"{self.shards_written} written",
-            f"samples   {self.samples_success} ok, {self.samples_failed} failed ({pct:.1f}%)",
+            f"samples   {self.samples_success} ok, {self.samples_failed} failed ({pct:.1f}%), "
+            f"{self.samples_fetched} processed now",
         ]
         for reason, n in self.failures_by_reason.most_common():
             lines.append(f"  {reason:<20} {n}")
         lines.append(f"elapsed   {self.elapsed_s:.1f} s ({rate:.1f} samples/s)")
+        lines.append(f"driver    peak RSS {self.driver_peak_rss_bytes / 2**20:.0f} MiB")
         return "\n".join(lines)
 
 
@@ -347,64 +485,162 @@ def _ray_session():
         ray.shutdown()
 
 
-def _run_shards(ray, table: pa.Table, shard_ids: list[int], output_dir: str,
-                cfg: IngestConfig, summary: IngestSummary, progress: bool, metrics=None) -> None:
+def committed_shards(fs, root: str) -> set[int]:
+    """Ids of the committed shards in ``root`` (one listing, not one request per shard)."""
+    if not fs.exists(root):
+        return set()
+    ids = set()
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith("_stats.json") and name[:-11].isdigit():
+            ids.add(int(name[:-11]))
+    return ids
+
+
+def remove_stale_temporaries(fs, root: str) -> int:
+    """Temporary files left by a killed run (``.NAME.tmp-*``); one driver per output dir."""
+    if not fs.exists(root):  # an object store has no empty directories
+        return 0
+    stale = [p for p in fs.ls(root, detail=False) if ".tmp-" in p.rsplit("/", 1)[-1]]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+    return len(stale)
+
+
+def _load_committed_owners(registry_cls):
+    """A registry actor method: owners of the committed shards' images, read where they live."""
+
+    def load(self, output_dir: str, shard_ids: list[int]) -> int:
+        fs, root = fsspec.core.url_to_fs(output_dir)
+        for sid in sorted(shard_ids):
+            with fs.open(shard_paths(root, sid)["parquet"], "rb") as f:
+                table = pq.read_table(f, columns=["key", "status", "sha256"])
+            entries = [(bytes.fromhex(r["sha256"]), r["key"]) for r in table.to_pylist()
+                       if r["status"] == "success" and r["sha256"]]
+            self.preload(entries)
+        return self.size()
+
+    return type("RunRegistry", (registry_cls,), {"load_committed": load})
+
+
+@dataclass
+class _Run:
+    """The driver's view of one ingest run."""
+
+    ray: Any
+    output_dir: str
+    cfg: IngestConfig
+    summary: IngestSummary
+    registry: Any
+    retry_failed: bool
+    retry_reasons: frozenset[str] | None
+    metrics: Any = None
+    in_flight: dict = field(default_factory=dict)
+    rows_done: int = 0
+    failed_done: int = 0
+
+    def finish(self, ref) -> None:
+        sid, n_rows = self.in_flight.pop(ref)
+        try:
+            stats = self.ray.get(ref)
+        except Exception as e:
+            for other in self.in_flight:
+                self.ray.cancel(other)
+            raise RuntimeError(
+                f"ingest: shard {sid:05d} failed after {self.cfg.task_retries} retries: {e}"
+            ) from e
+        self.registry.finish.remote(sid)
+        self.summary.add(stats)
+        self.rows_done += n_rows
+        self.failed_done += 0 if stats.get("skipped") else stats["failed"]
+        if self.metrics:
+            self.metrics.record_shard(stats)
+
+
+def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int | None,
+                progress: bool) -> None:
     from tqdm import tqdm
 
+    cfg, ray, summary = run.cfg, run.ray, run.summary
     task = ray.remote(num_cpus=1, max_retries=cfg.task_retries, retry_exceptions=True)(ingest_shard)
-    # A bounded window keeps the rows of at most a few shards in the object store at once.
+    # A bounded window keeps the rows of at most a few shards in memory at once.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    queue, in_flight = deque(shard_ids), {}
-    n_rows = sum(min(cfg.shard_size, table.num_rows - s * cfg.shard_size) for s in shard_ids)
     start = time.monotonic()
-    with tqdm(total=n_rows, unit="sample", disable=not progress, desc="ingest") as bar:
-        while queue or in_flight:
-            while queue and len(in_flight) < window:
-                sid = queue.popleft()
-                rows = table.slice(sid * cfg.shard_size, cfg.shard_size).to_pylist()
-                in_flight[task.remote(rows, sid, output_dir, cfg)] = sid
-            if metrics:
-                metrics.set_queue(queued=len(queue), in_flight=len(in_flight))
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
-            for ref in done:
-                sid = in_flight.pop(ref)
-                try:
-                    stats = ray.get(ref)
-                except Exception as e:
-                    for other in in_flight:
-                        ray.cancel(other)
-                    raise RuntimeError(
-                        f"ingest: shard {sid:05d} failed after {cfg.task_retries} retries: {e}"
-                    ) from e
-                summary.add(stats)
-                if metrics:
-                    metrics.record_shard(stats)
-                    metrics.set_queue(queued=len(queue), in_flight=len(in_flight))
-                bar.update(stats["total"])
-                done_samples = summary.samples_success + summary.samples_failed
-                rate = done_samples / (time.monotonic() - start)
-                bar.set_postfix(failed=summary.samples_failed, samples_per_s=f"{rate:.1f}")
+    # Our own rate: tqdm's would count the rows of skipped shards as processed at once.
+    bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+                  if total_rows else "{desc}: {n_fmt} rows [{elapsed}{postfix}]")
+    bar = tqdm(total=total_rows, disable=not progress, desc="ingest", bar_format=bar_format)
+
+    def refresh(wait_s: float) -> None:
+        done, _ = ray.wait(list(run.in_flight), num_returns=1, timeout=wait_s) if run.in_flight else ([], [])
+        for ref in done:
+            run.finish(ref)
+        running, running_failed = ray.get(run.registry.running_totals.remote())
+        bar.n = run.rows_done + running
+        rate = (bar.n - skipped_rows) / max(time.monotonic() - start, 1e-9)
+        bar.set_postfix_str(f"{rate:.1f} samples/s, {run.failed_done + running_failed} failed", refresh=False)
+        bar.refresh()
+        if run.metrics:  # shards not yet submitted (known when the table's length is)
+            queued = -(-total_rows // cfg.shard_size) - summary.shards_total if total_rows else 0
+            run.metrics.set_queue(queued=max(queued, 0), in_flight=len(run.in_flight))
+
+    skipped_rows = 0
+    with bar:
+        for sid, rows in enumerate(iter_shards(input_path, cfg.shard_size, url_col=cfg.url_col,
+                                               caption_col=cfg.caption_col)):
+            summary.shards_total += 1
+            if sid in committed and not run.retry_failed:
+                summary.shards_skipped += 1
+                skipped_rows += rows.num_rows
+                run.rows_done += rows.num_rows
+                if run.metrics:
+                    run.metrics.record_shard({"skipped": True})
+                continue
+            while len(run.in_flight) >= window:
+                refresh(0.5)
+            ref = task.remote(rows, sid, run.output_dir, cfg, registry=run.registry,
+                              retry_reasons=run.retry_reasons, retry_failed=run.retry_failed)
+            run.in_flight[ref] = (sid, rows.num_rows)
+            del rows
+        while run.in_flight:
+            refresh(0.5)
+        refresh(0)
 
 
 def ingest(
-    input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True, metrics=None
+    input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True, metrics=None,
+    retry_failed: bool = False, retry_reasons: frozenset[str] | None = None,
 ) -> IngestSummary:
     """Ingest the whole table; raises ``RuntimeError`` naming the shard if one keeps failing.
 
+    The table is streamed (the driver's memory does not grow with it). Committed shards are
+    skipped, or with ``retry_failed`` redone for their failed rows (see ``ingest_shard``).
     ``metrics``: an optional ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
     start = time.monotonic()
-    table = read_table(input_path, url_col=cfg.url_col, caption_col=cfg.caption_col)
     fs, root = fsspec.core.url_to_fs(output_dir)
     fs.makedirs(root, exist_ok=True)
-    n_shards = math.ceil(table.num_rows / cfg.shard_size)
-    pending = [s for s in range(n_shards) if not fs.exists(shard_paths(root, s)["stats"])]
-    summary = IngestSummary(shards_total=n_shards, shards_skipped=n_shards - len(pending))
-    if metrics:
-        for _ in range(summary.shards_skipped):
-            metrics.record_shard({"skipped": True})
-        metrics.set_queue(queued=len(pending), in_flight=0)
-    if pending:
-        with _ray_session() as ray:
-            _run_shards(ray, table, pending, output_dir, cfg, summary, progress, metrics)
+    remove_stale_temporaries(fs, root)
+    committed = committed_shards(fs, root)
+    total_rows = count_rows(input_path)
+    summary = IngestSummary()
+    with _ray_session() as ray:
+        registry = ray.remote(_load_committed_owners(DedupRegistry)).options(num_cpus=0).remote()
+        if cfg.dedup and committed:
+            ray.get(registry.load_committed.remote(output_dir, sorted(committed)))
+        concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if cfg.fetch.rate_limit_per_domain > 0:  # the run's budget, shared by the running tasks
+            fetch_cfg = cfg.fetch.model_copy(update={
+                "rate_limit_per_domain": cfg.fetch.rate_limit_per_domain / concurrent})
+            cfg = cfg.model_copy(update={"fetch": fetch_cfg})
+        run = _Run(ray, output_dir, cfg, summary, registry, retry_failed, retry_reasons, metrics)
+        try:
+            _run_shards(run, input_path, committed, total_rows, progress)
+        finally:
+            ray.kill(registry)
+    missing = sorted(set(range(summary.shards_total)) - committed_shards(fs, root))
+    if missing:  # never silently lose a shard
+        raise RuntimeError(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed")
     summary.elapsed_s = time.monotonic() - start
+    summary.driver_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return summary

@@ -20,7 +20,7 @@ REASONS = frozenset({
     "bad_url", "dns_error", "private_address", "too_large", "deadline", "timeout", "connection_error",
     "robots_optout", "too_many_redirects", "http_3xx", "http_4xx", "http_5xx", "no_caption",
     "caption_too_short", "decode_error", "too_many_pixels", "too_small", "bad_aspect_ratio",
-    "processing_error",
+    "processing_error", "empty_body", "too_big", "caption_too_long", "wrong_language", "duplicate",
 })
 SD_DIR_ENV = "VLM_METRICS_SD_DIR"  # a shared directory a cluster-wide Prometheus watches
 

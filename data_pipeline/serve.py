@@ -6,9 +6,18 @@ Besides the files under ``root_dir`` it serves:
 - ``/broken/truncated.jpg``     200 image/jpeg, the first half of a valid JPEG
 - ``/broken/not-an-image.jpg``  200 "image/jpeg" whose body is HTML
 - ``/broken/never-answers.jpg`` accepts the request and never responds (until shutdown, 60 s max)
+
+and, in ``HOSTILE_ENDPOINTS`` (kept apart so the demo corpus's broken rows stay as they are):
+
+- ``/broken/server-error.jpg``  500
+- ``/broken/empty.jpg``         200 image/jpeg with a zero-byte body
+- ``/broken/bomb.png``          a valid 10000x10000 PNG (100 Mpx, ~12 KB compressed)
+- ``/broken/loop.jpg``          302 to itself, forever
+- ``/broken/slow-drip.jpg``     a valid JPEG sent one byte every 0.2 s (past any test deadline)
 - ``/optout/<path>``            the file at ``<path>`` with ``X-Robots-Tag: noai, noimageai``
 - ``/redirect/<n>/<path>``      ``n`` chained 302 redirects, then the file at ``<path>``
 - ``/trickle/<path>``           the file at ``<path>``, one small chunk every 0.2 s
+- ``/copy/<name>/<path>``       the file at ``<path>`` under another URL (a duplicate image)
 """
 
 from __future__ import annotations
@@ -18,9 +27,11 @@ import ipaddress
 import mimetypes
 import os
 import posixpath
+import struct
 import sys
 import threading
 import time
+import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,6 +46,13 @@ BROKEN_ENDPOINTS: dict[str, str] = {
     "not_an_image": "/broken/not-an-image.jpg",
     "never_answers": "/broken/never-answers.jpg",
 }
+HOSTILE_ENDPOINTS: dict[str, str] = {
+    "server_error": "/broken/server-error.jpg",
+    "empty": "/broken/empty.jpg",
+    "bomb": "/broken/bomb.png",
+    "redirect_loop": "/broken/loop.jpg",
+    "slow_drip": "/broken/slow-drip.jpg",
+}
 _NEVER_ANSWERS_MAX_S = 60.0
 _TRICKLE_CHUNK = 64
 _TRICKLE_PERIOD_S = 0.2
@@ -48,6 +66,29 @@ def _valid_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+_bomb_lock = threading.Lock()
+_bomb: bytes | None = None
+
+
+def _bomb_png() -> bytes:
+    """A valid 10000x10000 1-bit black PNG, built once per process: 100 Mpx (300 MB once
+    decoded to RGB) from a body of about 12 KB. Written chunk by chunk, since Pillow takes
+    seconds to encode it."""
+    global _bomb
+    with _bomb_lock:
+        if _bomb is None:
+            side = 10_000
+            row = b"\x00" * (1 + side // 8)  # filter byte + 1-bit pixels
+
+            def chunk(kind: bytes, data: bytes) -> bytes:
+                return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+            ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+            _bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b""))
+        return _bomb
 
 
 def _check_loopback(host: str) -> str:
@@ -76,9 +117,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch(head=False)
 
     def _dispatch(self, head: bool):
+        path = unquote(urlsplit(self.path).path)
         with self.server.lock:
             self.server.hits += 1
-        path = unquote(urlsplit(self.path).path)
+            self.server.paths[path] = self.server.paths.get(path, 0) + 1
         if path == BROKEN_ENDPOINTS["missing"]:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain", head=head)
         elif path == BROKEN_ENDPOINTS["truncated"]:
@@ -89,6 +131,21 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == BROKEN_ENDPOINTS["never_answers"]:
             self.server.stopping.wait(_NEVER_ANSWERS_MAX_S)
             self.close_connection = True
+        elif path == HOSTILE_ENDPOINTS["server_error"]:
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b"oops\n", "text/plain", head=head)
+        elif path == HOSTILE_ENDPOINTS["empty"]:
+            self._send(HTTPStatus.OK, b"", "image/jpeg", head=head)
+        elif path == HOSTILE_ENDPOINTS["bomb"]:
+            self._send(HTTPStatus.OK, _bomb_png(), "image/png", head=head)
+        elif path == HOSTILE_ENDPOINTS["redirect_loop"]:
+            self.send_response(HTTPStatus.FOUND)
+            self.send_header("Location", path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == HOSTILE_ENDPOINTS["slow_drip"]:
+            self._send(HTTPStatus.OK, self.server.jpeg, "image/jpeg", head=head, trickle=True, chunk=1)
+        elif path.startswith("/copy/"):
+            self._send_file("/" + path[len("/copy/"):].partition("/")[2], head)
         elif path.startswith("/optout/"):
             self._send_file(path[len("/optout") :], head, {"X-Robots-Tag": "noai, noimageai"})
         elif path.startswith("/redirect/"):
@@ -120,7 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = mimetypes.guess_type(full.name)[0] or "application/octet-stream"
         self._send(HTTPStatus.OK, full.read_bytes(), ctype, head=head, extra=extra, trickle=trickle)
 
-    def _send(self, status, body: bytes, ctype: str, *, head: bool, extra=None, trickle=False):
+    def _send(self, status, body: bytes, ctype: str, *, head: bool, extra=None, trickle=False,
+              chunk: int = _TRICKLE_CHUNK):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -133,10 +191,10 @@ class _Handler(BaseHTTPRequestHandler):
             if not trickle:
                 self.wfile.write(body)
                 return
-            for start in range(0, len(body), _TRICKLE_CHUNK):
+            for start in range(0, len(body), chunk):
                 if self.server.stopping.wait(_TRICKLE_PERIOD_S):
                     return
-                self.wfile.write(body[start : start + _TRICKLE_CHUNK])
+                self.wfile.write(body[start : start + chunk])
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up; that is what the tests provoke
@@ -149,6 +207,7 @@ class _Server(ThreadingHTTPServer):
     stopping: threading.Event
     lock: threading.Lock
     hits: int = 0
+    paths: dict[str, int]
 
     def handle_error(self, request, client_address):
         # Clients hanging up mid-request is what the tests provoke; stay quiet about it.
@@ -180,8 +239,18 @@ class ImageServer:
         """Requests received so far (lets tests prove that a refused fetch never connected)."""
         return self._server.hits if self._server is not None else 0
 
+    def requests_for(self, path: str) -> int:
+        """Requests received so far for one path."""
+        if self._server is None:
+            return 0
+        with self._server.lock:
+            return self._server.paths.get(path, 0)
+
     def broken_urls(self) -> dict[str, str]:
         return {hint: self.url + path for hint, path in BROKEN_ENDPOINTS.items()}
+
+    def hostile_urls(self) -> dict[str, str]:
+        return {hint: self.url + path for hint, path in HOSTILE_ENDPOINTS.items()}
 
     def start(self) -> ImageServer:
         server = _Server((self.host, self.port), _Handler)
@@ -189,6 +258,7 @@ class ImageServer:
         server.jpeg = _valid_jpeg()
         server.stopping = threading.Event()
         server.lock = threading.Lock()
+        server.paths = {}
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,

@@ -6,8 +6,9 @@ import pytest
 
 from cluster.cli import main
 
-SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"],
-               ["monitor"], ["report"]]
+SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["data", "score"], ["data", "filter"], ["data", "inspect"],
+               ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"], ["monitor"], ["report"],
+               ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"]]
 
 
 def test_console_script_help():

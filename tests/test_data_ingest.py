@@ -284,3 +284,157 @@ def test_ingest_fails_loudly_naming_the_shard(ray_local, url_table, tmp_path):
     with pytest.raises(RuntimeError, match="shard 00001"):
         ingest(url_table, str(tmp_path), cfg, progress=False)
     assert not (tmp_path / "00001_stats.json").exists()
+
+
+# ---------------------------------------------------------------- resolution, hostile bodies, rules
+
+
+@pytest.fixture
+def connect_log(monkeypatch):
+    """Every socket connect this process attempts (on top of conftest's loopback guard)."""
+    import socket
+
+    attempts = []
+    real = socket.socket.connect
+
+    def recording(self, address):
+        attempts.append(address)
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", recording)
+    return attempts
+
+
+def test_private_resolution_refused_before_any_connect(server, connect_log, monkeypatch):
+    import data_pipeline.fetch as fetch_mod
+
+    fetch_mod.dns_cache.clear()
+    monkeypatch.setattr(fetch_mod, "resolve_host", lambda host, port: {"intranet.test": ["192.168.0.7"],
+                                                                       "mixed.test": ["8.8.8.8", "10.0.0.9"]}[host])
+    port = server.url.rsplit(":", 1)[1]
+    cfg = FetchConfig(retries=2, resolve={"override.test": ["10.1.2.3"]}, allow_private_hosts=LOOPBACK)
+    before = server.request_count
+    for host in ("intranet.test", "mixed.test", "override.test"):
+        result = fetch(f"http://{host}:{port}/images/train/000000.png", cfg)
+        assert (result.reason, result.http_status) == ("private_address", None), host
+    assert connect_log == [] and server.request_count == before
+    # an allow-listed name is fetched, and from the address that was checked
+    ok = fetch(f"http://override.test:{port}/images/train/000000.png",
+               FetchConfig(resolve={"override.test": ["127.0.0.1"]}, allow_private_hosts=["override.test"]))
+    assert ok.ok and connect_log == [("127.0.0.1", int(port))]
+
+
+def test_a_host_is_resolved_once_per_cache_period(server, monkeypatch):
+    import data_pipeline.fetch as fetch_mod
+
+    fetch_mod.dns_cache.clear()
+    calls = []
+    monkeypatch.setattr(fetch_mod, "resolve_host", lambda host, port: calls.append(host) or ["127.0.0.1"])
+    port = server.url.rsplit(":", 1)[1]
+    cfg = FetchConfig(retries=0, allow_private_hosts=LOOPBACK)
+    for i in range(5):
+        assert fetch(f"http://images.test:{port}/images/train/{i:06d}.png", cfg).ok
+    assert calls == ["images.test"]
+    fetch_mod.dns_cache.clear()
+    assert fetch(f"http://images.test:{port}/images/train/000000.png", cfg.model_copy(update={"dns_cache_s": 0})).ok
+    assert fetch(f"http://images.test:{port}/images/train/000000.png", cfg.model_copy(update={"dns_cache_s": 0})).ok
+    assert calls == ["images.test"] * 3
+
+
+def test_hostile_endpoints(server, tmp_path):
+    h = server.hostile_urls()
+    before = server.requests_for("/broken/server-error.jpg")
+    failed = fetch(h["server_error"], _cfg(retries=2).fetch)
+    assert (failed.reason, server.requests_for("/broken/server-error.jpg") - before) == ("http_500", 3)
+    assert fetch(h["empty"], _cfg().fetch).reason == "empty_body"
+    assert fetch(h["redirect_loop"], _cfg().fetch).reason == "too_many_redirects"
+    drip = fetch(h["slow_drip"], _cfg(deadline_s=0.6).fetch)
+    assert drip.reason == "deadline" and drip.elapsed_s < 1.2
+    bomb = fetch(h["bomb"], _cfg().fetch)
+    assert bomb.ok and len(bomb.data) < 200_000
+    with pytest.raises(Exception) as info:
+        decode_image(bomb.data, IngestConfig())
+    assert info.value.reason == "too_many_pixels"
+
+
+@pytest.mark.parametrize("caption, update, reason", [
+    ("a red square", {}, None),
+    ("", {}, "no_caption"),
+    ("one two three", {"max_caption_words": 2}, "caption_too_long"),
+    ("abc", {"min_caption_length": 5}, "caption_too_short"),
+    ("a fairly long caption", {"max_caption_length": 10}, "caption_too_long"),
+    ("a photo of a red car parked in the street", {"languages": ["en"]}, None),
+    ("une voiture rouge garée dans la rue", {"languages": ["en"]}, "wrong_language"),
+    ("une voiture rouge garée dans la rue", {"languages": ["en", "fr"]}, None),
+])
+def test_caption_rules(caption, update, reason):
+    from data_pipeline.ingest import caption_reason
+
+    assert caption_reason(caption, IngestConfig(**update))[0] == reason
+
+
+def test_config_rejects_bad_values():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="resolve.a.test"):
+        FetchConfig(resolve={"a.test": ["not-an-ip"]})
+    with pytest.raises(ValidationError, match="ISO 639"):
+        IngestConfig(languages=["English"])
+    with pytest.raises(ValidationError, match="max_image_size"):
+        IngestConfig(min_image_size=100, max_image_size=50)
+
+
+def test_dedup_registry_first_shard_wins_and_retries_take_their_own_back():
+    from data_pipeline.dedup import DedupRegistry
+
+    reg = DedupRegistry()
+    a, b = b"a" * 32, b"b" * 32
+    assert reg.claim(1, [(a, "000010000"), (b, "000010001")]) == ["000010000", "000010001"]
+    assert reg.claim(2, [(a, "000020003")]) == ["000010000"]
+    # shard 1 again (a retried task) where row 2 now holds image a: it takes it over
+    assert reg.claim(1, [(a, "000010002")]) == ["000010002"]
+    reg.preload([(b"c" * 32, "000030000")])
+    assert reg.claim(4, [(b"c" * 32, "000040000")]) == ["000030000"]
+
+
+def test_iter_shards_streams_every_format(tmp_path):
+    from data_pipeline.table import count_rows, iter_shards
+
+    table = pa.table({"url": [f"http://h/{i}.jpg" for i in range(25)], "caption": ["c"] * 25,
+                      "n": list(range(25))})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    pacsv.write_csv(table, tmp_path / "t.csv")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    for name in ("t.parquet", "t.csv", "t.jsonl"):
+        shards = list(iter_shards(str(tmp_path / name), 10))
+        assert [s.num_rows for s in shards] == [10, 10, 5]
+        assert sum((s.column("n").to_pylist() for s in shards), []) == list(range(25))
+    assert count_rows(str(tmp_path / "t.parquet")) == 25
+    with pytest.raises(ValueError, match="no column 'text'"):
+        next(iter_shards(str(tmp_path / "t.csv"), 10, caption_col="text"))
+
+
+def test_dedup_inside_one_shard(server, tmp_path):
+    url = server.url + "/images/train/000006.png"
+    rows = [{"url": url, "caption": "first"}, {"url": server.url + "/copy/x/images/train/000006.png",
+                                                "caption": "second"}]
+    stats = ingest_shard(rows, 0, str(tmp_path), _cfg())
+    assert (stats["success"], stats["failures_by_reason"]) == (1, {"duplicate": 1})
+    second = pq.read_table(tmp_path / "00000.parquet").to_pylist()[1]
+    assert second["error"] == "same image as 00000" + "0000"
+
+
+def test_waiting_for_the_rate_limit_does_not_eat_the_deadline(server):
+    limiter = DomainRateLimiter(4.0)  # 0.25 s apart: the fourth request waits 0.75 s for its turn
+    cfg = _cfg(deadline_s=0.5).fetch
+    results = [None] * 4
+
+    def one(i):
+        results[i] = fetch(server.url + f"/images/train/{i:06d}.png", cfg, rate_limiter=limiter)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.reason for r in results] == [None] * 4

@@ -1,0 +1,105 @@
+"""Run-wide state of one ingest: the exact-duplicate registry and live progress.
+
+One Ray actor per run holds it. Shard tasks claim the content hashes of their
+successful samples in one call per shard; the first shard to claim a hash owns it,
+later ones get the owner's key back and drop their copy as ``duplicate``. A shard that
+claims again (a Ray retry of its task, ``--retry-failed``) sends its whole final set and
+takes its own entries over, so a retried attempt never loses to its earlier self. A
+restarted driver reloads the owners from the committed shards' status tables.
+
+Hashes are kept as 16-byte prefixes of the sha256 (collision odds ~2^-64 at 2^32 images).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+
+def shard_of(key: str) -> int:
+    return int(key[:5])
+
+
+class DedupRegistry:
+    """hash -> owning key; plain Python so it runs in-process (tests) or as a Ray actor."""
+
+    def __init__(self):
+        self._owner: dict[bytes, str] = {}
+        self._progress: dict[int, tuple[int, int]] = {}
+        self._finished: set[int] = set()
+
+    # ---------------------------------------------------------------- duplicates
+
+    def preload(self, entries: list[tuple[bytes, str]]) -> int:
+        """Owners from committed shards (first one wins, as in the run that wrote them)."""
+        for digest, key in entries:
+            self._owner.setdefault(digest[:16], key)
+        return len(self._owner)
+
+    def claim(self, shard_id: int, entries: list[tuple[bytes, str]]) -> list[str]:
+        """``entries``: every (sha256, key) a shard keeps, already unique within the shard.
+        Returns each entry's owner key: its own key when it is kept."""
+        owners = []
+        for digest, key in entries:
+            digest = digest[:16]
+            owner = self._owner.get(digest)
+            if owner is None or shard_of(owner) == shard_id:
+                self._owner[digest] = owner = key
+            owners.append(owner)
+        return owners
+
+    def size(self) -> int:
+        return len(self._owner)
+
+    # ---------------------------------------------------------------- progress
+
+    def progress(self, shard_id: int, done: int, failed: int) -> None:
+        """Cumulative counts of a running shard task (a late message after finish is ignored)."""
+        if shard_id not in self._finished:
+            self._progress[shard_id] = (done, failed)
+
+    def finish(self, shard_id: int) -> None:
+        self._finished.add(shard_id)
+        self._progress.pop(shard_id, None)
+
+    def running_totals(self) -> tuple[int, int]:
+        """(rows done, rows failed) over the shard tasks still running."""
+        return sum(d for d, _ in self._progress.values()), sum(f for _, f in self._progress.values())
+
+
+class ProgressReporter:
+    """Sends a shard task's cumulative counts to the registry at most every ``period_s``."""
+
+    def __init__(self, registry, shard_id: int, period_s: float = 0.5):
+        self.registry, self.shard_id, self.period_s = registry, shard_id, period_s
+        self.done = self.failed = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, ok: bool) -> None:
+        """Thread-safe: the fetch threads of a shard call it as each row ends."""
+        with self._lock:
+            self.done += 1
+            self.failed += not ok
+            now = time.monotonic()
+            if self.registry is None or now - self._last < self.period_s:
+                return
+            self._last = now
+            counts = (self.done, self.failed)
+        _call(self.registry.progress, self.shard_id, *counts)
+
+
+def _call(method, *args):
+    """Call a registry method on a Ray actor handle (fire and forget) or a plain object."""
+    remote = getattr(method, "remote", None)
+    return remote(*args) if remote is not None else method(*args)
+
+
+def claim(registry, shard_id: int, entries: list[tuple[bytes, str]]) -> list[str]:
+    if registry is None:
+        return [key for _, key in entries]
+    remote = getattr(registry.claim, "remote", None)
+    if remote is None:
+        return registry.claim(shard_id, entries)
+    import ray
+
+    return ray.get(remote(shard_id, entries))

@@ -45,7 +45,7 @@ def run_demo(cfg: RunConfig, *, overwrite: bool = False) -> int:
             for split, out in (("train", cfg.data.train_shards), ("heldout", cfg.data.eval_shards)):
                 table = run_dir / f"{split}_urls.parquet"
                 write_url_table(corpus, server.url, table, split=split,
-                                include_broken=cfg.data.corpus.broken_urls and split == "train")
+                                include_broken=cfg.data.corpus.broken_urls and split == "train", regions=True)
                 summary = ingest(str(table), cfg.path(out), cfg.data.ingest, progress=True)
                 print(f"-- {split} split -> {cfg.path(out)}")
                 print(summary.format(), flush=True)

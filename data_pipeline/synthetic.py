@@ -233,6 +233,25 @@ def make_caption(
     return _TEMPLATES[idx].format(**fields), idx
 
 
+def region_phrase(colour: str, shape: str) -> str:
+    """The phrase naming one drawn shape (what region–word matching aligns a box with)."""
+    return f"{colour} {shape}"
+
+
+def regions_of(bbox: list[int], colour: str, shape: str, size: int) -> list[dict]:
+    """One region per drawn shape: {"box": [x0, y0, x1, y1] as fractions of the image side
+    (the pixel box with exclusive right/bottom edges, so it survives any resize of the
+    square image), "phrase": "red circle"}."""
+    x0, y0, x1, y1 = bbox
+    box = [x0 / size, y0 / size, (x1 + 1) / size, (y1 + 1) / size]
+    return [{"box": box, "phrase": region_phrase(colour, shape)}]
+
+
+def word_synonyms() -> dict[str, tuple[str, ...]]:
+    """Every colour and shape word -> the words captions may use for it (itself first)."""
+    return {w: (w, *syn) for table in (_COLOUR_SYNONYMS, _SHAPE_SYNONYMS) for w, syn in table.items()}
+
+
 def _sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     # One generator per image: the corpus is the same whatever order images are made in.
     return np.random.default_rng([seed, _SPLIT_IDS[split], index])
@@ -253,8 +272,21 @@ def _sample(seed: int, split: str, index: int, pairs, size: int) -> tuple[bytes,
         "split": split,
         "bbox": bbox,
         "template": template,
+        "regions": regions_of(bbox, colour, shape, size),
     }
     return buf.getvalue(), record
+
+
+def unseen_samples(cfg: CorpusConfig, count: int, split: str = "train"):
+    """`count` new images of the `split`'s (colour, shape) pairs, drawn after the corpus's
+    own indices (from num_train, or num_heldout), so none is part of the corpus: for
+    training pairs, held-out images of seen combinations. Yields (PNG bytes, record)."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(_SPLIT_IDS)}")
+    pairs = train_pairs() if split == "train" else heldout_pairs()
+    start = cfg.num_train if split == "train" else cfg.num_heldout
+    for index in range(start, start + count):
+        yield _sample(cfg.seed, split, index, pairs, cfg.image_size)
 
 
 def generate_corpus(cfg: CorpusConfig, out_dir: str | os.PathLike) -> Corpus:
@@ -311,11 +343,14 @@ def write_url_table(
     *,
     split: str,
     include_broken: bool | None = None,
+    regions: bool = False,
 ) -> int:
     """Write a parquet URL table for one split; returns the number of rows written.
 
     ``include_broken`` (default: ``corpus.cfg.broken_urls``) appends one row per broken
     endpoint of ``data_pipeline.serve.ImageServer`` so ingestion meets real failures.
+    ``regions`` adds a "regions" column (each row's boxes and phrases, see regions_of),
+    which ingestion copies into every sample's metadata for region–word matching.
     """
     import fsspec
     import pyarrow as pa
@@ -333,6 +368,7 @@ def write_url_table(
             "label": f"{r['colour']} {r['shape']}",
             "split": r["split"],
             "bbox": list(r["bbox"]),
+            **({"regions": r["regions"]} if regions else {}),
         }
         for r in corpus.split(split)
     ]
@@ -349,6 +385,7 @@ def write_url_table(
                     "label": None,
                     "split": split,
                     "bbox": None,
+                    **({"regions": None} if regions else {}),
                 }
             )
     schema = pa.schema(
@@ -361,6 +398,8 @@ def write_url_table(
             ("split", pa.string()),
             ("bbox", pa.list_(pa.int32())),
         ]
+        + ([("regions", pa.list_(pa.struct([("box", pa.list_(pa.float64())), ("phrase", pa.string())])))]
+           if regions else [])
     )
     table = pa.Table.from_pylist(rows, schema=schema)
     with fsspec.open(path, "wb") as f:

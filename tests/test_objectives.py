@@ -189,15 +189,23 @@ def test_infonce_at_initialisation_is_close_to_log_batch():
     assert abs(loss.item() - math.log(b)) < 0.3
 
 
+CONTRASTIVE = [c for c in OBJECTIVE_CONFIGS if not getattr(OBJECTIVES[c().name], "uses_model", False)]
+
+
 def test_registry_names_configs_and_classes_agree():
-    assert set(OBJECTIVES) == {"clip_infonce", "siglip", "slip_image", "unicl"}
+    assert set(OBJECTIVES) == {"clip_infonce", "siglip", "slip_image", "unicl",
+                               "mim", "mlm", "mcm", "itg", "itm", "region_word"}
     assert [c().name for c in OBJECTIVE_CONFIGS] == list(OBJECTIVES)
     for name, cls in OBJECTIVES.items():
-        assert cls.name == name and cls.batch_coupled is True
-        assert isinstance(cls.needs, frozenset) and cls.needs
+        assert cls.name == name
+        # batch-coupled = scored against the whole (global) batch: the contrastive ones and ITM
+        assert cls.batch_coupled is (name in {"clip_infonce", "siglip", "slip_image", "unicl", "itm"})
+        assert isinstance(cls.needs, frozenset)
+        if not getattr(cls, "uses_model", False):
+            assert cls.needs  # they read only model outputs: say which
 
 
-@pytest.mark.parametrize("config", OBJECTIVE_CONFIGS, ids=lambda c: c().name)
+@pytest.mark.parametrize("config", CONTRASTIVE, ids=lambda c: c().name)
 def test_build_objective_gives_a_module_with_no_0d_parameters(config):
     obj = build_objective(config(), embed_dim=E, vision_width=W)
     assert isinstance(obj, OBJECTIVES[config().name])

@@ -143,6 +143,15 @@ class RunConfig(Strict):
                 f"model.vision.image_size ({self.model.vision.image_size})")
         if any(o.name == "unicl" for o in self.objectives) and not self.data.label_field:
             raise ValueError("objective unicl needs labels: set data.label_field to the metadata field holding them")
+        names = {o.name for o in self.objectives}
+        for name in sorted(names & {"itm", "mcm"}):
+            if self.model.fusion is None:
+                raise ValueError(f"objective {name} needs the multimodal encoder: set model.fusion "
+                                 "(e.g. model.fusion={type: concat}; see configs/blip.yaml)")
+        if "itg" in names and self.model.decoder is None:
+            raise ValueError("objective itg needs the caption decoder: set model.decoder (see configs/coca.yaml)")
+        if any(o.name == "itm" and o.exclude_same_label for o in self.objectives) and not self.data.label_field:
+            raise ValueError("objective itm with exclude_same_label needs labels: set data.label_field")
         return self
 
     def path(self, template: str) -> str:

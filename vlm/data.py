@@ -41,18 +41,67 @@ def label_id(value) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def image_id(sample: dict) -> int:
+    """A stable int64 naming the sample's image: equal for two samples (e.g. two captions)
+    of the same image bytes, so that image–text matching never draws one as the other's
+    negative. The ingested sha256 when the metadata has one, else a hash of the bytes."""
+    digest = sample.get("json", {}).get("sha256")
+    if not digest:
+        data = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    return label_id(digest)
+
+
+def region_fields(samples: list[dict], text: TextEncoder) -> dict[str, torch.Tensor]:
+    """Each sample's metadata "regions" ([{"box": [x0, y0, x1, y1] in fractions of the image
+    side, "phrase": str}, ...]) -> "boxes" [B, R, 4], "box_valid" [B, R] bool, "phrase_ids"
+    [B, R] (label_id of the phrase, NO_LABEL where padded), "phrase_tokens" [B, R, L],
+    "phrase_eot" [B, R]; R = the most regions of any sample (at least 1)."""
+    per_sample = []
+    for s in samples:
+        regions = s.get("json", {}).get("regions")
+        if regions is None:
+            raise ValueError(f"sample {s.get('__key__')} in {s.get('__shard__')} has no 'regions' metadata, "
+                             f"which region-word matching needs (ingest a table with a regions column)")
+        for r in regions:
+            box = r.get("box") if isinstance(r, dict) else None
+            if not r.get("phrase") or box is None or len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(f"sample {s.get('__key__')} in {s.get('__shard__')}: bad region {r!r} "
+                                 f"(need a phrase and a box [x0, y0, x1, y1] with x0 < x1, y0 < y1)")
+        per_sample.append(regions)
+    b, r = len(samples), max(1, max(len(x) for x in per_sample))
+    boxes = torch.zeros(b, r, 4)
+    valid = torch.zeros(b, r, dtype=torch.bool)
+    ids = torch.full((b, r), NO_LABEL, dtype=torch.long)
+    phrases = [""] * (b * r)
+    for i, regions in enumerate(per_sample):
+        for j, region in enumerate(regions):
+            boxes[i, j] = torch.tensor([float(v) for v in region["box"]]).clamp(0.0, 1.0)
+            valid[i, j] = True
+            ids[i, j] = label_id(region["phrase"])
+            phrases[i * r + j] = region["phrase"]
+    tokens, eot = text(phrases)
+    return {"boxes": boxes, "box_valid": valid, "phrase_ids": ids,
+            "phrase_tokens": tokens.view(b, r, -1), "phrase_eot": eot.view(b, r)}
+
+
 class BatchLoader:
     """Yields {"images": [B,3,S,S], "tokens": [B,L], "eot_index": [B], "labels": [B]} and,
     when `views` is set, "views": [2B,3,S,S] (two augmentations of each image); resumable.
+    `needs` (the union of the objectives' needs) adds fields only when asked for:
+    "image_ids" [B] (see image_id) and, for "regions", the box and phrase fields of
+    region_fields. Other names in `needs` (model outputs) are not batch fields and are ignored.
 
     The views' randomness is seeded from (seed, batch number), so a resumed run draws the
     same augmentations without storing generator state."""
 
     def __init__(self, reader: ShardReader, text: TextEncoder, *, batch_size: int, image_size: int,
-                 label_field: str | None = None, views: AugmentConfig | None = None, seed: int = 0):
+                 label_field: str | None = None, views: AugmentConfig | None = None, seed: int = 0,
+                 needs: frozenset[str] = frozenset()):
         self.reader, self.text = reader, text
         self.batch_size, self.image_size = batch_size, image_size
         self.label_field, self.views, self.seed = label_field, views, seed
+        self.needs = frozenset(needs)
         self._it: Iterator[dict] | None = None
         self.batches = 0
         self.last_wait_s = 0.0
@@ -67,6 +116,10 @@ class BatchLoader:
         batch = {"images": images, "tokens": tokens, "eot_index": eot}
         if self.label_field:
             batch["labels"] = torch.tensor([label_id(s.get("json", {}).get(self.label_field)) for s in samples])
+        if "image_ids" in self.needs:
+            batch["image_ids"] = torch.tensor([image_id(s) for s in samples])
+        if "regions" in self.needs:
+            batch.update(region_fields(samples, self.text))
         if self.views is not None:
             g = torch.Generator().manual_seed(hash((self.seed, self.reader.rank, self.batches)) & 0xFFFF_FFFF)
             batch["views"] = two_views(images, self.views, g)
@@ -80,4 +133,11 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)
         self.batches = state.get("batches", 0)
+        self._it = None
+
+    def load_rank_states(self, states: list[dict]) -> None:
+        """Every rank's state of a run saved at another world size (the reader re-splits
+        what is left of the epoch)."""
+        self.reader.load_rank_states(states)
+        self.batches = max(s.get("batches", 0) for s in states)
         self._it = None

@@ -42,6 +42,25 @@ class TextConfig(Strict):
     causal: bool = Field(True, description="False: bidirectional (masked language modelling)")
 
 
+class FusionConfig(Strict):
+    """The multimodal encoder of the fusion objectives (ITM, MCM): "concat" runs
+    self-attention over [cls; image tokens; text tokens] (FLAVA); "cross" runs the text
+    tokens through self-attention then cross-attention to the image tokens (ALBEF/BLIP)."""
+    type: Literal["concat", "cross"] = "concat"
+    width: int = Field(128, gt=0)
+    depth: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0)
+
+
+class DecoderConfig(Strict):
+    """CoCa's multimodal text decoder: blocks of causal self-attention and cross-attention
+    to the image tokens on top of the (causal) text tower, at the text tower's width."""
+    depth: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(2.0, gt=0)
+
+
 class ModelConfig(Strict):
     preset: str | None = Field(None, description="the registered preset these fields came from (a label only)")
     embed_dim: int = Field(64, gt=0)
@@ -50,3 +69,11 @@ class ModelConfig(Strict):
     drop_path: float = Field(0.0, ge=0, lt=1, description="transformer towers: stochastic depth of the last block")
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
+    fusion: FusionConfig | None = Field(None, description="multimodal encoder (objectives itm, mcm)")
+    decoder: DecoderConfig | None = Field(None, description="caption decoder (objective itg, `vlm caption`)")
+
+    @model_validator(mode="after")
+    def _decoder_needs_causal_text(self) -> ModelConfig:
+        if self.decoder is not None and not self.text.causal:
+            raise ValueError("model.decoder (captioning) needs a causal text tower: set model.text.causal=true")
+        return self

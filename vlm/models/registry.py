@@ -15,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlm.models.clip import CLIP
 from vlm.models.config import ModelConfig
+from vlm.models.decoder import CaptionDecoder
+from vlm.models.fusion import FusionEncoder
 from vlm.models.resnet import ModifiedResNet
 from vlm.models.text import TextTransformer
 from vlm.models.vit import VisionTransformer
@@ -62,7 +64,18 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
     text = TextTransformer(vocab_size=vocab, context_length=t.context_length, width=t.width, depth=t.depth,
                            heads=t.heads, embed_dim=cfg.embed_dim, mlp_ratio=t.mlp_ratio, causal=t.causal,
                            grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout, drop_path=cfg.drop_path)
-    return CLIP(build_vision(cfg), text)
+    vision = build_vision(cfg)
+    fusion = decoder = None
+    image_width = vision.pooled_dim
+    if cfg.fusion is not None:
+        f = cfg.fusion
+        fusion = FusionEncoder(type=f.type, image_width=image_width, text_width=t.width, width=f.width,
+                               depth=f.depth, heads=f.heads, mlp_ratio=f.mlp_ratio)
+    if cfg.decoder is not None:
+        d = cfg.decoder
+        decoder = CaptionDecoder(vocab_size=vocab, width=t.width, image_width=image_width, depth=d.depth,
+                                 heads=d.heads, mlp_ratio=d.mlp_ratio, context_length=t.context_length)
+    return CLIP(vision, text, fusion, decoder)
 
 
 def _resolve(name_or_cfg: str | ModelConfig) -> ModelConfig:

@@ -26,8 +26,13 @@ class TextTransformer(nn.Module):
         mask = torch.ones(context_length, context_length, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, eot_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """tokens: [B, L] ids (L <= context_length); eot_index: [B] end-of-text positions.
+    def forward(self, tokens: torch.Tensor, eot_index: torch.Tensor, *, causal: bool | None = None,
+                masked: torch.Tensor | None = None, mask_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """tokens: [B, L] ids (L <= context_length); eot_index: [B] end-of-text positions;
+        causal: override the tower's own mask for this call (False: the bidirectional path of
+        masked language modelling; padding after <eot> is then hidden from every position);
+        masked: optional [B, L] bool, positions whose token embedding is replaced by
+        `mask_embed` ([W], the caller's learned [MASK]: the BPE vocabulary has none).
 
         Returns (unnormalised):
           "embed":  [B, E] projected feature at the end-of-text position (under the causal
@@ -37,8 +42,22 @@ class TextTransformer(nn.Module):
         n = tokens.shape[1]
         if n > self.context_length:
             raise ValueError(f"{n} tokens exceed the context length {self.context_length}")
-        x = self.token_embed(tokens) + self.pos_embed[:n]
-        x = self.transformer(x, self.causal_mask[:n, :n] if self.causal else None)
+        x = self.token_embed(tokens)
+        if masked is not None:
+            if mask_embed is None:
+                raise ValueError("masked needs mask_embed, the embedding that replaces masked tokens")
+            x = torch.where(masked.unsqueeze(-1), mask_embed.to(x.dtype), x)
+        x = x + self.pos_embed[:n]
+        causal = self.causal if causal is None else causal
+        if causal:
+            mask = self.causal_mask[:n, :n]
+        elif causal is not self.causal:
+            # a causal tower run bidirectionally: padding was never seen by its positions,
+            # so keep it out of their attention ([B, 1, 1, L], True = attend)
+            mask = (torch.arange(n, device=x.device) <= eot_index[:, None])[:, None, None, :]
+        else:
+            mask = None
+        x = self.transformer(x, mask)
         x = self.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), eot_index]
         return {"embed": self.proj(pooled), "pooled": pooled, "tokens": x}

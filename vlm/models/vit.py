@@ -28,8 +28,13 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=scale)
 
-    def forward(self, images: torch.Tensor, keep_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """images: [B, 3, S, S]; keep_index: optional [B, K] patch indices (row-major, < P) to keep.
+    def forward(self, images: torch.Tensor, keep_index: torch.Tensor | None = None, *,
+                patch_mask: torch.Tensor | None = None,
+                mask_embed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images: [B, 3, S, S]; keep_index: optional [B, K] patch indices (row-major, < P) to keep;
+        patch_mask: optional [B, P] bool, True where the patch's embedding is replaced by
+        `mask_embed` ([W], the caller's learned mask token) before the positional embedding
+        (BEiT/FLAVA masking: the masked patches stay in the sequence but show no pixels).
 
         Returns (unnormalised):
           "embed":  [B, E] projected class token;
@@ -37,7 +42,12 @@ class VisionTransformer(nn.Module):
           "tokens": [B, P, W] patch tokens after ln_post, or [B, K, W] in keep_index order.
         Dropped patches never enter the transformer (MAE); each kept patch carries the
         positional embedding of its original position."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed[1:]  # [B, P, W]
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
+        if patch_mask is not None:
+            if mask_embed is None:
+                raise ValueError("patch_mask needs mask_embed, the embedding that replaces masked patches")
+            x = torch.where(patch_mask.unsqueeze(-1), mask_embed.to(x.dtype), x)
+        x = x + self.pos_embed[1:]
         if keep_index is not None:
             index = keep_index.unsqueeze(-1).expand(-1, -1, x.shape[-1])
             x = torch.gather(x, 1, index)  # [B, K, W]

@@ -5,7 +5,12 @@ ranks only through vlm.distributed), a pydantic config with a `name` literal and
 `weight`, and an `nn.Module` that owns the objective's parameters (temperature, bias,
 heads). The module is built as `Cls(cfg, *, embed_dim, vision_width)` and called as
 `forward(outputs, batch) -> {name: loss, "name/diagnostic": detached tensor, ...}`; keys
-without "/" are losses, which the trainer sums with the config weights."""
+without "/" are losses, which the trainer sums with the config weights.
+
+Generative and alignment objectives (mim, mlm, mcm, itg, itm, region_word) have
+`uses_model = True`: they are built with the model and the vocabulary size and called as
+`forward(outputs, batch, model=model)`, running parts of the model themselves (a masked
+encoder pass, the fusion encoder, the caption decoder)."""
 from __future__ import annotations
 
 from typing import Annotated, Union
@@ -14,12 +19,20 @@ from pydantic import Field
 from torch import nn
 
 from vlm.objectives.clip_infonce import ClipInfoNCE, ClipInfoNCEConfig, clip_infonce
+from vlm.objectives.itg import ITG, ITGConfig, caption_loss
+from vlm.objectives.itm import ITM, ITMConfig, itm_loss
+from vlm.objectives.mcm import MCM, MCMConfig
+from vlm.objectives.mim import MIM, MIMConfig, masked_patch_mse
+from vlm.objectives.mlm import MLM, MLMConfig, masked_token_loss
+from vlm.objectives.region_word import RegionWord, RegionWordConfig, focal_loss
 from vlm.objectives.siglip import SigLIP, SigLIPConfig, siglip
 from vlm.objectives.slip_image import SlipImage, SlipImageConfig, slip_image
 from vlm.objectives.unicl import UniCL, UniCLConfig, unicl
 
-OBJECTIVES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (ClipInfoNCE, SigLIP, SlipImage, UniCL)}
-OBJECTIVE_CONFIGS = (ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig)
+OBJECTIVES: dict[str, type[nn.Module]] = {cls.name: cls for cls in (ClipInfoNCE, SigLIP, SlipImage, UniCL,
+                                                                     MIM, MLM, MCM, ITG, ITM, RegionWord)}
+OBJECTIVE_CONFIGS = (ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig,
+                     MIMConfig, MLMConfig, MCMConfig, ITGConfig, ITMConfig, RegionWordConfig)
 # one objective's config, told apart by `name`
 AnyObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="name")]
 
@@ -39,4 +52,7 @@ def build_objective(cfg, *, embed_dim: int, vision_width: int, model: nn.Module 
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "AnyObjectiveConfig", "build_objective",
            "ClipInfoNCE", "ClipInfoNCEConfig", "clip_infonce", "SigLIP", "SigLIPConfig", "siglip",
-           "SlipImage", "SlipImageConfig", "slip_image", "UniCL", "UniCLConfig", "unicl"]
+           "SlipImage", "SlipImageConfig", "slip_image", "UniCL", "UniCLConfig", "unicl",
+           "MIM", "MIMConfig", "masked_patch_mse", "MLM", "MLMConfig", "masked_token_loss", "MCM", "MCMConfig",
+           "ITG", "ITGConfig", "caption_loss", "ITM", "ITMConfig", "itm_loss", "RegionWord", "RegionWordConfig",
+           "focal_loss"]

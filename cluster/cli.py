@@ -230,7 +230,7 @@ def cmd_demo(args) -> int:
     from cluster.demo import run_demo
 
     cfg = load_config(args.config or DEMO_CONFIG, args.overrides)
-    return run_demo(cfg, overwrite=args.overwrite)
+    return run_demo(cfg, overwrite=args.overwrite, config_path=args.config)
 
 
 def main(argv: list[str] | None = None) -> int:

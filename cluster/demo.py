@@ -13,7 +13,7 @@ def _banner(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run_demo(cfg: RunConfig, *, overwrite: bool = False) -> int:
+def run_demo(cfg: RunConfig, *, overwrite: bool = False, config_path: str | None = None) -> int:
     from cluster.cli import prepare_tokenizer
     from cluster.launch import run_training
     from cluster.ray_local import ray_session
@@ -74,5 +74,6 @@ def run_demo(cfg: RunConfig, *, overwrite: bool = False) -> int:
     print(f"train+eval seconds: {train_eval_s:.1f}")
     print(f"run directory: {run_dir}")
     print(f"curves: {png} (and {page})")
-    print("resume with: vlm train --config configs/demo.yaml --resume latest")
+    config = f"--config {config_path} " if config_path else ""
+    print(f"resume with: vlm train {config}--set run_dir={cfg.run_dir} --resume latest")
     return 0

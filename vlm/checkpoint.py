@@ -22,10 +22,6 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
 
 
-def checkpoint_root(run_dir: str) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -283,15 +279,6 @@ def verify(ckpt: Path) -> None:
 
 def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
-
-
-def load(engine, ckpt: Path) -> dict:
-    """Collective: restores DeepSpeed's state and returns the trainer state (verify the
-    files first: resolve(..., verify_files=True))."""
-    load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
-    return load_trainer_state(ckpt)
 
 
 def load_module_weights(ckpt: Path) -> dict:

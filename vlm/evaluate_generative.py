@@ -42,7 +42,10 @@ class Sample:
 
 
 def load_pretrainer(path: str) -> tuple[Pretrainer, TextEncoder, RunConfig]:
-    """A run dir or a checkpoint dir -> (model + objectives in eval mode, text encoder, config)."""
+    """A run dir or a checkpoint dir (any ZeRO stage) -> (model + objectives in eval mode,
+    text encoder, config)."""
+    from vlm.export import consolidated_state
+
     ckpt = checkpoint.resolve(path)
     state = checkpoint.load_trainer_state(ckpt)
     cfg = config_from_dict(state["config"])
@@ -52,7 +55,7 @@ def load_pretrainer(path: str) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=width, model=model,
                                   vocab_size=text.vocab_size) for o in cfg.objectives]
     pretrainer = Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
-    pretrainer.load_state_dict(checkpoint.load_module_weights(ckpt))
+    pretrainer.load_state_dict(consolidated_state(ckpt, state))
     return pretrainer.eval(), text, cfg
 
 

@@ -1,15 +1,12 @@
 """2 gloo processes, each on its half of the batch, give the same loss and gradients as
 1 process on the concatenated batch, for every objective. One spawn serves all of them."""
-import os
-import socket
-import traceback
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from vlm.objectives import (OBJECTIVES, ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig,
                             build_objective)
+
+from multiproc import run_ranks
 
 RANKS, PER_RANK, E, W = 2, 5, 6, 7
 B = RANKS * PER_RANK
@@ -54,43 +51,22 @@ def loss_and_grads(obj, outputs, batch):
             {k: p.grad.numpy() for k, p in obj.named_parameters()})
 
 
-def _rank(rank, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-        dist.init_process_group("gloo", rank=rank, world_size=RANKS)
-        results = {}
-        for cfg in CONFIGS:
-            obj, outputs, batch = global_inputs(cfg)
-            results[cfg.name] = loss_and_grads(obj, {k: rank_rows(k, v, rank) for k, v in outputs.items()},
-                                               {k: rank_rows(k, v, rank) for k, v in batch.items()})
-        queue.put((rank, results))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))
+def _rank(rank):
+    results = {}
+    for cfg in CONFIGS:
+        obj, outputs, batch = global_inputs(cfg)
+        results[cfg.name] = loss_and_grads(obj, {k: rank_rows(k, v, rank) for k, v in outputs.items()},
+                                           {k: rank_rows(k, v, rank) for k, v in batch.items()})
+    return results
 
 
 def test_two_ranks_match_one_process_on_the_global_batch():
     # every objective that reads only model outputs must be added here (those running the
     # model themselves have their distributed checks in tests/test_generative_distributed.py)
     assert [c.name for c in CONFIGS] == [n for n, c in OBJECTIVES.items() if not getattr(c, "uses_model", False)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(RANKS)]
-    for p in procs:
-        p.start()
-    try:
-        per_rank = dict(queue.get(timeout=120) for _ in range(RANKS))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    per_rank = dict(enumerate(run_ranks(_rank, RANKS)))  # raises unless every rank exits 0
     for rank, got in per_rank.items():
         assert isinstance(got, dict), f"rank {rank} failed:\n{got}"
-    assert all(p.exitcode == 0 for p in procs)
 
     for cfg in CONFIGS:
         loss, input_grads, param_grads = loss_and_grads(*global_inputs(cfg))

@@ -2,17 +2,14 @@
 on its half, give the same loss and gradients (inputs, head and fusion encoder) as one
 process on the whole batch. A near-zero sampling temperature makes the draw the argmax, so
 the two runs draw the same negatives; one image shared by the halves checks the exclusion."""
-import os
-import socket
-import traceback
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from vlm.models import build_model
 from vlm.models.config import ModelConfig
 from vlm.objectives import ITMConfig, build_objective
+
+from multiproc import run_ranks
 
 RANKS, PER_RANK = 2, 3
 B = RANKS * PER_RANK
@@ -46,37 +43,16 @@ def loss_and_grads(model, obj, outputs, batch):
         {k: v.numpy() for k, v in params.items()}
 
 
-def _rank(rank, port, queue):
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-        dist.init_process_group("gloo", rank=rank, world_size=RANKS)
-        model, obj, outputs, batch = build()
-        half = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        result = loss_and_grads(model, obj, {k: v[half] for k, v in outputs.items()},
-                                {k: v[half] for k, v in batch.items()})
-        queue.put((rank, result))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, traceback.format_exc()))
+def _rank(rank):
+    model, obj, outputs, batch = build()
+    half = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return loss_and_grads(model, obj, {k: v[half] for k, v in outputs.items()},
+                          {k: v[half] for k, v in batch.items()})
 
 
 def test_itm_on_two_ranks_matches_one_process_on_the_global_batch():
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, queue)) for r in range(RANKS)]
-    for p in procs:
-        p.start()
-    try:
-        per_rank = dict(queue.get(timeout=120) for _ in range(RANKS))
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    per_rank = dict(enumerate(run_ranks(_rank, RANKS)))
     for rank, got in per_rank.items():
         assert isinstance(got, tuple), f"rank {rank} failed:\n{got}"
     loss, input_grads, param_grads = loss_and_grads(*build())

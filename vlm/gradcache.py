@@ -8,7 +8,7 @@ contrastive quality one wants. The cache splits the step in three passes:
    objectives read (O(global batch × embed dim) memory), and each micro-batch's RNG state;
 2. the coupled losses on the global batch of embeddings (every rank's rows, through
    vlm.distributed.gather_features as in a plain step), differentiated with respect to the
-   embeddings only: the cached gradients;
+   embeddings and the objectives' own parameters: the cached gradients;
 3. each micro-batch re-run with gradients under its saved RNG state (dropout, drop-path and
    random masks are bitwise the same as in pass 1), back-propagated with the surrogate
    sum(embedding · cached gradient), plus its per-sample objectives, through
@@ -19,13 +19,15 @@ gradient from pass 2 too, and each replay adds sum(parameter · cached gradient)
 parameter receives a gradient in every micro-batch as in a plain step. Scaling: DeepSpeed
 divides each micro-batch's loss by gradient_accumulation_steps; the replay multiplies the
 embeddings' surrogate by the same number (and the parameters' term sums to one over the
-micro-batches), so the accumulated gradient is that of the whole-batch loss, exactly — not the per-micro-batch average that OpenCLIP's variant is disputed for (#761).
+micro-batches), so the accumulated gradient is that of the whole-batch loss, exactly,
+not the per-micro-batch average that OpenCLIP's variant is disputed for (#761).
 
 Why this works under DeepSpeed where public implementations break (VLM2Vec #70,
-tevatron #206): every pass goes through the engine's own forward (ZeRO-3 gathers its
-partitioned parameters in forward hooks, so nothing touches a parameter outside them)
-and every backward through engine.backward, with the engine's accumulation boundary at
-the last micro-batch. Under ZeRO 0 and 1 gradients are reduced once per step, at that
+tevatron #206): the model runs only through the engine's own forward (ZeRO-3 gathers
+its partitioned parameters in forward hooks), the coupled pass touches only the
+objectives' parameters, gathered explicitly and past every DeepSpeed hook, and every
+backward that counts goes through engine.backward, with the engine's accumulation
+boundary at the last micro-batch. Under ZeRO 0 and 1 gradients are reduced once per step, at that
 boundary; under ZeRO 2 and 3 DeepSpeed reduce-scatters each micro-batch's gradients into
 its partitions as they are produced (its design, with or without this cache)."""
 from __future__ import annotations

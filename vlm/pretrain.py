@@ -11,8 +11,9 @@ Two kinds of objective:
   which is called as `objective(outputs, batch, model=self.model)` so it can run parts of
   the model itself, e.g. MAE's masked encoder) accumulate micro-batch by micro-batch.
 
-forward() runs in one of three modes so that everything touching parameters happens
-inside the module DeepSpeed wraps (ZeRO-3 gathers parameters in forward hooks):
+forward() runs in one of three modes so that everything touching the model's parameters
+happens inside the module DeepSpeed wraps (ZeRO-3 gathers parameters in forward hooks);
+the cache's coupled pass calls `losses(..., hooks=False)` on gathered parameters:
   "train"    the plain step: outputs, every objective, the weighted total;
   "embed"    only the outputs the coupled objectives read (the cache's no-grad pass);
   "replay"   re-run one micro-batch with gradients and return the surrogate loss whose
@@ -85,8 +86,6 @@ class Pretrainer(nn.Module):
         mode "train" -> {"loss": weighted total, each objective's named losses, diagnostics
         named "objective/what" (detached)};
         "embed" -> {key: [b, ...]} for coupled_keys;
-        "coupled" (kw: out) -> the coupled objectives' losses on precomputed outputs `out`
-        (the gradient cache differentiates them with respect to `out`);
         "replay" -> the surrogate "loss" of one micro-batch and its per-sample losses; kw:
         n_micro, grads {key: cached dL/d out of this micro-batch's rows}, param_grads {name:
         cached dL/d p of the coupled objectives' parameters}; the result also holds
@@ -97,8 +96,6 @@ class Pretrainer(nn.Module):
         if mode == "embed":
             out = self.outputs(batch)
             return {k: out[k] for k in self.coupled_keys}
-        if mode == "coupled":
-            return self.losses(kw["out"], batch, self.coupled)
         if mode == "replay":
             return self._replay(batch, **kw)
         raise ValueError(f"unknown Pretrainer mode {mode!r}")

@@ -37,10 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster.cli_data import add_data_commands
     from cluster.cli_generate import add_generate_commands
     from cluster.cli_ckpt import add_ckpt_commands
+    from cluster.cli_cluster import add_cluster_commands
 
     add_data_commands(sub, _config_args)
     add_generate_commands(sub, _config_args)
     add_ckpt_commands(sub, _config_args)
+    add_cluster_commands(sub, _config_args)
 
     p = sub.add_parser("train", help="train on Ray Train workers with DeepSpeed ZeRO",
                        description="Starts train.num_workers Ray Train workers; each runs the DeepSpeed "
@@ -247,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlm: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as e:
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
 

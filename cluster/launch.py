@@ -1,15 +1,27 @@
-"""Runs vlm.engine.train on N Ray Train workers (one per GPU, or per CPU slot)."""
+"""Runs vlm.engine.train on N Ray Train workers (one per GPU, or per CPU slot).
+
+Failure policy: with max_failures > 0, when a worker process or its node dies Ray Train
+tears the group down and starts a new one, whose workers resume from the newest complete
+checkpoint (resume="auto"), so a run loses at most the steps since its last save.
+
+Stop channel: the driver cannot signal the workers (they are Ray actors on other
+processes, maybe other nodes), so `request_stop` writes a key into Ray's GCS key-value
+store, which every worker polls once per step; the workers then save together and end
+("stopped"). The job entrypoint calls it from its SIGTERM handler (`vlm cluster stop`)."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import torch
+from ray.train import FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
-from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from vlm.config import RunConfig
+
+STOP_NAMESPACE = "vlm"
 
 
 def _worker(loop_config: dict) -> None:
@@ -22,25 +34,67 @@ def _worker(loop_config: dict) -> None:
     os.environ["WORLD_SIZE"] = str(ctx.get_world_size())
     for key, value in loop_config["env"].items():
         os.environ.setdefault(key, value)
+    # decided here, on the worker's own node, before anything imports DeepSpeed: the
+    # driver may run on a head without GPUs
+    os.environ["DS_ACCELERATOR"] = "cuda" if torch.cuda.is_available() else "cpu"
     os.chdir(loop_config["cwd"])
     from vlm.config import config_from_dict
     from vlm.engine import train
 
-    train(config_from_dict(loop_config["config"]), resume=loop_config["resume"])
+    stop_key = loop_config.get("stop_key")
+    should_stop = (lambda: stop_requested(stop_key)) if stop_key else None
+    train(config_from_dict(loop_config["config"]), resume=loop_config["resume"], should_stop=should_stop)
 
 
-def run_training(cfg: RunConfig, *, resume: str | None = None) -> None:
-    """Blocks until every worker has finished; raises if the run failed."""
+def new_stop_key(name: str) -> str:
+    """A key unique to this launch: a stop request of an earlier job of the same run name
+    never stops a later one."""
+    return f"stop/{name}/{uuid.uuid4().hex}"
+
+
+def request_stop(stop_key: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(stop_key, b"1", namespace=STOP_NAMESPACE)
+
+
+def stop_requested(stop_key: str) -> bool:
+    from ray.experimental import internal_kv
+
+    return internal_kv._internal_kv_exists(stop_key, namespace=STOP_NAMESPACE)
+
+
+def clear_stop(stop_key: str) -> None:
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(stop_key, namespace=STOP_NAMESPACE)
+
+
+def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int = 0,
+                 stop_key: str | None = None) -> None:
+    """Blocks until every worker has finished; raises if the run failed (after
+    max_failures restarts of the worker group; -1: unlimited). resume: None, 'auto',
+    'latest' or a tag; a restarted group always resumes ('auto'), whatever the first
+    start did."""
+    import ray
+
     from cluster.ray_local import worker_env
 
-    use_gpu = torch.cuda.is_available()
+    # Whether the workers get GPUs is the cluster's business, not the driver's: a job's
+    # driver runs on the head, which usually has none.
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
+    if max_failures != 0 and resume in (None, "latest"):
+        # the first start and every restart run the same loop config: 'auto' starts fresh
+        # when there is no checkpoint and resumes the newest one after a restart
+        resume = "auto"
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume,
-                           "cwd": os.getcwd(), "env": worker_env()},
+                           "cwd": os.getcwd(), "env": worker_env(), "stop_key": stop_key},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
-        run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.run_dir).resolve() / "ray")),
+        run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.run_dir).resolve() / "ray"),
+                                failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()

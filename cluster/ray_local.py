@@ -45,9 +45,9 @@ def use_cluster_token_if_present() -> None:
 
 def worker_env() -> dict[str, str]:
     """Environment every Ray worker needs before it imports torch or DeepSpeed."""
-    import torch
-    env = {"DS_ACCELERATOR": "cuda" if torch.cuda.is_available() else "cpu",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    # DS_ACCELERATOR is not among them: each training worker sets it from its own node's
+    # devices (cluster/launch.py), which may differ from the driver's.
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "TOKENIZERS_PARALLELISM": "false",
            # Ray Train's print patch re-emits each worker print through logging: lines doubled.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -8,7 +8,9 @@ from cluster.cli import main
 
 SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["data", "score"], ["data", "filter"], ["data", "inspect"],
                ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"], ["monitor"], ["report"],
-               ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"]]
+               ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"],
+               ["cluster"], ["cluster", "submit"], ["cluster", "status"], ["cluster", "logs"], ["cluster", "stop"],
+               ["cluster", "list"], ["cluster", "run"]]
 
 
 def test_console_script_help():
@@ -25,3 +27,21 @@ def test_subcommand_help(argv, capsys):
         main([*argv, "--help"])
     assert e.value.code == 0
     assert f"usage: vlm {' '.join(argv)}" in capsys.readouterr().out
+
+
+def test_cluster_submit_without_server_names_the_address(capsys):
+    """No job server at the address: one clear line, no traceback."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["cluster", "list", "--address", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"http://127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_cluster_submit_rejects_bad_run_name(capsys):
+    code = main(["cluster", "submit", "--config", "configs/demo.yaml", "--name", "bad name/../x",
+                 "--address", "http://127.0.0.1:9"])
+    assert code == 1 and "run name 'bad name/../x'" in capsys.readouterr().err

@@ -73,6 +73,17 @@ def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
+def has_checkpoint(root: str) -> bool:
+    """Whether a checkpoint directory (local or remote) holds at least one complete
+    checkpoint: what `--resume auto` asks before deciding between resuming and starting."""
+    if is_remote(root):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(root)
+        return fs.exists(base) and bool(_remote_tags(fs, base.rstrip("/")))
+    return Path(root).is_dir() and bool(complete_tags(Path(root)))
+
+
 def _owned(name: str, rank: int) -> bool:
     """Which rank wrote a DeepSpeed file: zero_pp_rank_{r}_* is rank r's, the rest rank 0's."""
     if name.startswith("zero_pp_rank_"):

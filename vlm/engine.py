@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
@@ -124,7 +125,13 @@ class Trainer:
     """One rank's run: __init__ builds the engine, the reader and the exporter (and resumes);
     run() takes optimizer steps until cfg.train.steps, logging, evaluating and saving."""
 
-    def __init__(self, cfg: RunConfig, *, resume: str | None = None):
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        """resume: None (a fresh run), 'auto' (the newest complete checkpoint when there is
+        one, else a fresh run: what a restarted worker group or a resubmitted job wants),
+        'latest', a tag or a path. should_stop: polled once per step on every rank, like
+        SIGTERM; a True anywhere makes every rank save and stop (the Ray job launcher's
+        stop request reaches the workers through it)."""
         import deepspeed  # imported late: it inspects the accelerator at import time
 
         self.cfg = cfg
@@ -137,7 +144,8 @@ class Trainer:
         self.on_gpu = torch.cuda.is_available()
         self.accum = cfg.train.accum_steps(self.world_size)
         self.global_batch = cfg.train.micro_batch_size * self.accum * self.world_size
-        self.stop_requested = False
+        self.stop_requested, self.stop_reason = False, ""
+        self.should_stop = should_stop
 
         tok_path = self.run_dir / TOKENIZER_FILE
         if not tok_path.is_file():
@@ -149,6 +157,9 @@ class Trainer:
         if cfg.train.grad_cache and not model.coupled:
             raise ValueError("train.grad_cache is on but no objective is batch-coupled "
                              f"({', '.join(o.name for o in cfg.objectives)}): turn it off")
+        if resume == "auto":
+            found = self.rank == 0 and checkpoint.has_checkpoint(self.ckpt_root)
+            resume = "latest" if self._broadcast(found) else None
         ckpt, state = self._locate(resume) if resume else (None, None)
         universal = (state is not None and state["world_size"] != self.world_size and cfg.train.zero_stage > 0)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
@@ -337,10 +348,12 @@ class Trainer:
                 self._say(f"removed old checkpoint {old}")
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_requested, self.stop_reason = True, "SIGTERM"
 
     def _agree_to_stop(self) -> bool:
-        """Whether any rank was asked to stop (SIGTERM): all ranks must save together."""
+        """Whether any rank was asked to stop (SIGTERM, should_stop): all ranks must save together."""
+        if self.should_stop is not None and not self.stop_requested and self.should_stop():
+            self.stop_requested, self.stop_reason = True, "the job was asked to stop"
         if self.world_size == 1:
             return self.stop_requested
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
@@ -376,7 +389,7 @@ class Trainer:
                 if cfg.eval.every_steps and (self.step % cfg.eval.every_steps == 0 or self.step == cfg.train.steps):
                     self.evaluate()
                 if self._agree_to_stop():
-                    self._say(f"stop requested (SIGTERM): saving at step {self.step}")
+                    self._say(f"stop requested ({self.stop_reason or 'by another worker'}): saving at step {self.step}")
                     stopped = True
                     break
                 if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
@@ -394,9 +407,9 @@ class Trainer:
         return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped}
 
 
-def train(cfg: RunConfig, *, resume: str | None = None) -> dict:
+def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
     """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank."""
-    return Trainer(cfg, resume=resume).run()
+    return Trainer(cfg, resume=resume, should_stop=should_stop).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded defaults)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value (repeatable)")
-    ap.add_argument("--resume", metavar="latest|TAG|PATH", help="continue from a checkpoint")
+    ap.add_argument("--resume", metavar="auto|latest|TAG|PATH",
+                    help="continue from a checkpoint (auto: the newest one if there is one, else start)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

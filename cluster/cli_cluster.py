@@ -1,0 +1,369 @@
+"""`vlm cluster ...`: training runs as Ray jobs on a (remote) Ray cluster.
+
+submit packages the project and the resolved run config as a Ray job (Jobs API: a
+runtime_env with a working_dir and environment variables). Its entrypoint is
+`python -m cluster.cli cluster run`, which trains under Ray Train with a failure policy
+(see cluster/launch.py). The submission id is derived from the run name, so a retried
+submit of a name that is pending, running or succeeded attaches to that job instead of
+starting a second one; a name whose job failed or stopped gets a new submission id and
+its run resumes from the newest complete checkpoint in the same run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+JOB_CONFIG = "vlm_job_config.yaml"  # the resolved run config, at the root of the job's working_dir
+# What the job's working_dir holds: the project's packages and configs, nothing else
+# (no virtual environment, no runs, no git history).
+PACKAGE_ITEMS = ("vlm", "cluster", "data_pipeline", "configs", "pyproject.toml")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+ACTIVE = {"PENDING", "RUNNING"}
+DONE_OK = {"SUCCEEDED"}
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def add_cluster_commands(sub, config_args) -> None:
+    cl = sub.add_parser(
+        "cluster", help="submit, watch and stop training jobs on a Ray cluster",
+        description="Training runs as Ray jobs. The address is the Ray dashboard / job server "
+        f"(default {DEFAULT_ADDRESS}, or $RAY_API_SERVER_ADDRESS). On a shared cluster enable Ray's "
+        "token authentication and set RAY_AUTH_TOKEN (see docs/cluster.md).")
+    cs = cl.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+
+    def address(p):
+        p.add_argument("--address", metavar="URL",
+                       default=os.environ.get("RAY_API_SERVER_ADDRESS", DEFAULT_ADDRESS),
+                       help=f"the job server (default: $RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS})")
+
+    p = cs.add_parser("submit", help="package the project and a run config as a Ray job",
+                      description="Submits a training run. The run name (--name, default the config's "
+                      "`name`) decides the submission id and the run directory: submitting a name that is "
+                      "pending, running or succeeded prints that job instead of starting another; a name "
+                      "whose job failed or was stopped is submitted again and resumes from its newest "
+                      "complete checkpoint. Relative paths (run_dir, shards, checkpoint_dir) are made absolute "
+                      "here: the cluster must see them (one machine, or a shared file system); on a "
+                      "multi-node cluster put run_dir on a shared file system or use s3:// shards and "
+                      "checkpoint_dir.")
+    address(p)
+    config_args(p, required=True)
+    p.add_argument("--name", metavar="NAME", help="run name (default: the config's name); letters, digits, "
+                   "'.', '_', '-'")
+    p.add_argument("--max-failures", type=int, default=3, metavar="N",
+                   help="worker-group restarts after a worker or node dies (default 3; -1: unlimited)")
+    p.add_argument("--stop-grace", type=int, default=60, metavar="SECONDS",
+                   help="after `vlm cluster stop`, how long the trainer has to save a final checkpoint "
+                   "before Ray kills it (default 60)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the job and its workers (repeatable)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only "
+                   "when it succeeded")
+    p.set_defaults(func=cmd_submit)
+
+    for name, helptext, func in (("status", "one job's status, run directory and metrics", cmd_status),
+                                 ("stop", "stop a job: the trainer saves a final checkpoint first", cmd_stop)):
+        p = cs.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        address(p)
+        p.add_argument("job", metavar="NAME_OR_ID", help="a run name or a submission id")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print one JSON object")
+        else:
+            p.add_argument("--no-wait", action="store_true", help="return without waiting for the job to end")
+            p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                           help="how long to wait for the job to end (default 120)")
+        p.set_defaults(func=func)
+
+    p = cs.add_parser("logs", help="a job's logs", description="Prints a job's logs (driver and workers).")
+    address(p)
+    p.add_argument("job", metavar="NAME_OR_ID", help="a run name or a submission id")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = cs.add_parser("list", help="the training jobs on the cluster",
+                      description="Every job submitted by `vlm cluster submit`, newest last.")
+    address(p)
+    p.add_argument("--all", action="store_true", help="also jobs not submitted by vlm")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(func=cmd_list)
+
+    p = cs.add_parser("run", help="the job's entrypoint: train under Ray Train with restarts",
+                      description="Runs inside a Ray job (RAY_ADDRESS set by Ray): trains on Ray Train "
+                      "workers; when a worker or node dies the group restarts and resumes from the newest "
+                      "complete checkpoint, up to --max-failures times; SIGTERM (`vlm cluster stop`) makes "
+                      "every worker save a checkpoint and stop. Resumes an existing run directory.")
+    config_args(p, required=True)
+    p.add_argument("--name", metavar="NAME", help="run name (default: the config's name)")
+    p.add_argument("--max-failures", type=int, default=3, metavar="N",
+                   help="worker-group restarts (default 3; -1: unlimited)")
+    p.set_defaults(func=cmd_run)
+
+
+def submission_id(name: str, attempt: int = 1) -> str:
+    return f"vlm-{name}" if attempt == 1 else f"vlm-{name}-{attempt}"
+
+
+def _client(address: str):
+    from cluster.ray_local import use_cluster_token_if_present
+
+    use_cluster_token_if_present()  # before importing ray, which reads RAY_AUTH_MODE once
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as e:
+        raise ConnectionError(f"the job server at {address} requires a token: set RAY_AUTH_TOKEN or put it in "
+                              "~/.ray/auth_token (`ray get-auth-token` on the head prints it)") from e
+    except (ConnectionError, RuntimeError) as e:
+        raise ConnectionError(f"no Ray job server at {address} ({e}); start one with `ray start --head` "
+                              "(deploy/local/) or pass --address") from e
+
+
+def _vlm_jobs(client, name: str | None = None) -> list:
+    """Jobs submitted by `vlm cluster submit` (of one run name), oldest first."""
+    jobs = [j for j in client.list_jobs() if (j.metadata or {}).get("vlm_run")
+            and (name is None or j.metadata["vlm_run"] == name)]
+    return sorted(jobs, key=lambda j: (j.start_time or 0, j.submission_id or ""))
+
+
+def _find(client, job: str):
+    """A run name (its newest job) or a submission id -> JobDetails."""
+    named = _vlm_jobs(client, job)
+    if named:
+        return named[-1]
+    for j in client.list_jobs():
+        if job in (j.submission_id, j.job_id):
+            return j
+    raise ValueError(f"no job named {job!r} on the cluster (neither a run name nor a submission id); "
+                     "`vlm cluster list` shows them")
+
+
+def _status_line(j) -> str:
+    meta = j.metadata or {}
+    parts = [f"{j.submission_id}: {j.status}", f"run {meta.get('vlm_run', '-')}"]
+    if meta.get("run_dir"):
+        parts.append(f"run dir {meta['run_dir']}")
+    if j.message and j.status not in ("RUNNING", "SUCCEEDED"):
+        parts.append(j.message.strip().splitlines()[-1][:200])
+    return "; ".join(parts)
+
+
+def _stage(cfg, name: str, args) -> str:
+    """A temporary working_dir: the project's packages and configs plus the resolved run
+    config. Ray uploads it (zipped, content-addressed) to the cluster."""
+    root = Path(__file__).resolve().parent.parent
+    stage = Path(tempfile.mkdtemp(prefix=f"vlm-job-{name}-"))
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for item in PACKAGE_ITEMS:
+        src = root / item
+        if src.is_dir():
+            shutil.copytree(src, stage / item, ignore=ignore)
+        elif src.is_file():
+            shutil.copy2(src, stage / item)
+    from vlm.config import dump_config
+
+    (stage / JOB_CONFIG).write_text(dump_config(cfg))
+    return str(stage)
+
+
+def _absolute(path: str) -> str:
+    """A relative local path -> absolute, against the submitter's working directory (the
+    job runs in a copy of the project elsewhere); URLs and {run_dir} templates unchanged."""
+    if "://" in path or path.startswith("{run_dir}") or Path(path).is_absolute():
+        return path
+    return str(Path(path).resolve())
+
+
+def _make_paths_absolute(cfg) -> None:
+    cfg.run_dir = _absolute(cfg.run_dir)
+    cfg.data.train_shards = _absolute(cfg.data.train_shards)
+    cfg.data.eval_shards = _absolute(cfg.data.eval_shards)
+    cfg.train.checkpoint_dir = _absolute(cfg.train.checkpoint_dir)
+    for source in cfg.data.reader.mix:
+        source.shards = _absolute(source.shards)
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--env {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def cmd_submit(args) -> int:
+    from vlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    name = args.name or cfg.name
+    if not NAME_RE.match(name):
+        raise ValueError(f"run name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    if args.max_failures < -1:
+        raise ValueError(f"--max-failures {args.max_failures}: use -1 (unlimited), 0 or more")
+    _make_paths_absolute(cfg)
+    env = _env_pairs(args.env)
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(args.stop_grace))
+    client = _client(args.address)
+
+    previous = _vlm_jobs(client, name)
+    if previous and previous[-1].status in ACTIVE | DONE_OK:
+        job = previous[-1]
+        print(f"run {name!r} is already submitted, not starting another: {_status_line(job)}")
+        return _follow(client, job.submission_id) if args.wait else 0
+    sid = submission_id(name, len(previous) + 1)
+    stage = _stage(cfg, name, args)
+    entrypoint = (f"python -m cluster.cli cluster run --config {JOB_CONFIG} --name {name} "
+                  f"--max-failures {args.max_failures}")
+    try:
+        client.submit_job(entrypoint=entrypoint, submission_id=sid,
+                          runtime_env={"working_dir": stage, "env_vars": env},
+                          metadata={"vlm_run": name, "run_dir": cfg.run_dir})
+    except RuntimeError as e:
+        if "already exists" not in str(e):
+            raise
+        # a concurrent submit of the same name won the race: the submission id is the lock
+        print(f"run {name!r} was just submitted by someone else: {_status_line(client.get_job_info(sid))}")
+        return _follow(client, sid) if args.wait else 0
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    resumes = " (resumes from its newest checkpoint)" if previous else ""
+    print(f"submitted {sid}: run {name!r}{resumes}")
+    print(f"  run directory: {cfg.run_dir}")
+    ports = f"port {cfg.metrics.port} + rank" if cfg.metrics.port else "a free port"
+    print(f"  metrics: each worker serves Prometheus metrics on {ports}, written to "
+          f"{Path(cfg.run_dir) / 'metrics'}/rank*.json and announced as file_sd targets in "
+          f"{Path(cfg.run_dir) / 'metrics' / 'targets'}/ (`vlm monitor {cfg.run_dir}` scrapes them)")
+    print(f"  watch: vlm cluster status {name} / vlm cluster logs {name} --follow; stop: vlm cluster stop {name}")
+    return _follow(client, sid) if args.wait else 0
+
+
+def _follow(client, sid: str) -> int:
+    import asyncio
+
+    async def tail():
+        async for lines in client.tail_job_logs(sid):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = _wait_terminal(client, sid, timeout=60.0)
+    print(f"job {sid} ended: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _wait_terminal(client, sid: str, *, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(sid))
+        status = status.rsplit(".", 1)[-1]
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def cmd_status(args) -> int:
+    client = _client(args.address)
+    j = _find(client, args.job)
+    if args.json:
+        print(json.dumps({"submission_id": j.submission_id, "status": str(j.status).rsplit(".", 1)[-1],
+                          "run": (j.metadata or {}).get("vlm_run"), "run_dir": (j.metadata or {}).get("run_dir"),
+                          "message": j.message, "start_time": j.start_time, "end_time": j.end_time,
+                          "entrypoint": j.entrypoint}, indent=2))
+        return 0
+    print(_status_line(j))
+    run_dir = (j.metadata or {}).get("run_dir")
+    if run_dir and Path(run_dir, "checkpoints", "latest").is_file():
+        print(f"  newest checkpoint: {Path(run_dir, 'checkpoints', 'latest').read_text().strip()}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    client = _client(args.address)
+    j = _find(client, args.job)
+    if args.follow:
+        return _follow(client, j.submission_id)
+    print(client.get_job_logs(j.submission_id), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    client = _client(args.address)
+    j = _find(client, args.job)
+    if str(j.status).rsplit(".", 1)[-1] in TERMINAL:
+        print(f"{j.submission_id} has already ended: {j.status}")
+        return 0
+    client.stop_job(j.submission_id)
+    print(f"asked {j.submission_id} to stop: its workers save a checkpoint and end")
+    if args.no_wait:
+        return 0
+    status = _wait_terminal(client, j.submission_id, timeout=args.timeout)
+    print(f"{j.submission_id}: {status}")
+    return 0 if status in TERMINAL else 1
+
+
+def cmd_list(args) -> int:
+    client = _client(args.address)
+    jobs = (sorted(client.list_jobs(), key=lambda j: (j.start_time or 0)) if args.all else _vlm_jobs(client))
+    rows = [{"submission_id": j.submission_id, "status": str(j.status).rsplit(".", 1)[-1],
+             "run": (j.metadata or {}).get("vlm_run", ""), "run_dir": (j.metadata or {}).get("run_dir", ""),
+             "start_time": j.start_time} for j in jobs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no jobs")
+        return 0
+    width = max(len(str(r["submission_id"])) for r in rows)
+    for r in rows:
+        print(f"{str(r['submission_id']):<{width}}  {r['status']:<9}  {r['run']:<20}  {r['run_dir']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The job's entrypoint (a Ray job driver)."""
+    import signal
+
+    from cluster.cli import prepare_tokenizer
+    from cluster.launch import clear_stop, new_stop_key, request_stop, run_training
+    from cluster.ray_local import worker_env
+    from vlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    name = args.name or cfg.name
+    import ray
+
+    # The job's runtime_env (working_dir, --env) is inherited; add only what it lacks
+    # (Ray refuses a driver runtime_env whose variables clash with the job's).
+    extra = {k: v for k, v in worker_env().items() if k not in os.environ}
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": extra} if extra else None)
+    prepare_tokenizer(cfg)
+    stop_key = new_stop_key(name)
+    stopping = []
+
+    def on_sigterm(signum, frame):
+        print("SIGTERM: asking every worker to save a checkpoint and stop", flush=True)
+        stopping.append(signum)
+        request_stop(stop_key)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    print(f"run {name}: {cfg.train.num_workers} worker(s), run directory {cfg.run_dir}, "
+          f"up to {args.max_failures} restart(s) of the worker group", flush=True)
+    try:
+        run_training(cfg, resume="auto", max_failures=args.max_failures, stop_key=stop_key)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        clear_stop(stop_key)
+    latest = Path(cfg.path(cfg.train.checkpoint_dir)) / "latest"
+    where = f"; newest checkpoint {latest.read_text().strip()}" if latest.is_file() else ""
+    print(f"run {name} {'stopped' if stopping else 'finished'}{where}", flush=True)
+    return 0

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Starts a Ray head node on this machine, every port on 127.0.0.1, with token authentication.
+# Parameters (environment, with defaults):
+#   RAY             ray executable            (.venv/bin/ray of this checkout)
+#   RAY_PORT        GCS port                  (6379)
+#   DASHBOARD_PORT  dashboard + job server    (8265)
+#   HEAD_CPUS       CPUs the head offers      (1)
+#   METRICS_PORT    Ray's Prometheus metrics  (8080)
+#   AGENT_PORT      dashboard agent's HTTP    (52365)
+#   RAY_TEMP_DIR    sessions and logs         (Ray's default, /tmp/ray)
+#   RAY_AUTH_MODE   token, or disabled        (token)
+#   BLOCK           1: stay in the foreground; Ctrl-C stops the head   (0)
+# Then: deploy/local/start-worker.sh, and deploy/local/README.md.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+RAY="${RAY:-$ROOT/.venv/bin/ray}"
+RAY_PORT="${RAY_PORT:-6379}"
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
+HEAD_CPUS="${HEAD_CPUS:-1}"
+METRICS_PORT="${METRICS_PORT:-8080}"
+AGENT_PORT="${AGENT_PORT:-52365}"
+RAY_TEMP_DIR="${RAY_TEMP_DIR:-}"
+BLOCK="${BLOCK:-0}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# Training workers started on this machine inherit these: gloo on loopback, and every
+# worker's exporter announces itself where `vlm monitor` or a Prometheus can find it.
+export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-lo}"
+export VLM_METRICS_SD_DIR="${VLM_METRICS_SD_DIR:-$ROOT/runs/prometheus-targets}"
+mkdir -p "$VLM_METRICS_SD_DIR"
+
+if [ "$RAY_AUTH_MODE" = token ]; then
+  # Creates ~/.ray/auth_token once; every node, driver and `vlm cluster` call on this
+  # machine reads the same file.
+  "$RAY" get-auth-token --generate > /dev/null
+  echo "auth: token in ${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token} (RAY_AUTH_MODE=token)"
+fi
+
+args=(start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT"
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT"
+      --metrics-export-port="$METRICS_PORT" --dashboard-agent-listen-port="$AGENT_PORT"
+      --num-cpus="$HEAD_CPUS" --disable-usage-stats)
+if [ -n "$RAY_TEMP_DIR" ]; then args+=(--temp-dir="$RAY_TEMP_DIR"); fi
+if [ "$BLOCK" = 1 ]; then args+=(--block); fi
+echo "+ $RAY ${args[*]}"
+"$RAY" "${args[@]}"
+echo "head: 127.0.0.1:$RAY_PORT; job server and dashboard: http://127.0.0.1:$DASHBOARD_PORT"
+echo "metrics targets: $VLM_METRICS_SD_DIR"

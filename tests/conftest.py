@@ -16,6 +16,9 @@ from data_pipeline.local_ray import use_loopback_only
 use_loopback_only()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run on the CPU through its interpreter; the switch is read when a kernel
+# module is imported, so it is set before any test imports one.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 _real_connect = socket.socket.connect

@@ -1,0 +1,440 @@
+"""Tiled image–text contrastive loss (softmax InfoNCE/UniCL, sigmoid SigLIP) that never
+materialises the b x B logit matrix.
+
+    loss = contrastive_loss(image, text, scale, kind="softmax", labels=labels)  # [b, D], [b, D], [1]
+
+Local image rows X [b, D] are scored against every rank's text columns Y [B, D] in tiles
+S = scale * X_r Y_c^T (+ bias) of block_rows x block_cols. One pass over the tiles (forward)
+keeps, per image row, the online log-sum-exp and the sum of positive logits (image->text)
+and, per text column, the same partial statistics over this rank's image rows
+(text->image); the column statistics of all ranks are combined with all_reduce (max, then
+sum of exp(shift)). Backward makes one more pass that recomputes each tile once and forms
+dS for both directions at once. Only O(B) statistics are saved, no tile.
+
+The columns are exchanged in chunks, not gathered: each rank's b text rows are broadcast
+by their owner in turn (at most COLUMN_CHUNK columns per tile pass), the row statistics
+are merged online across chunks, and in backward the chunk's column gradient is summed
+onto its owner (reduce). A rank holds its inputs, one chunk of b x D columns and O(B)
+statistics; never B x D, b x B or B x B.
+
+Positives P(i) of image row i: every column with the same label >= 0, and always its own
+pair (global column i). The counts |P(i)| depend only on the labels, so they come from
+them (`positive_counts`, O(B log B)) rather than from the tile pass.
+
+Distributed conventions, as in vlm.objectives (every rank holds b rows, B = W*b):
+- each rank returns a loss whose mean over ranks is the loss of the global batch;
+- the gradient reaching this rank's image/text rows is the gradient of sum_r g_r loss_r
+  (g_r: the upstream gradient of rank r, all-gathered in backward), i.e. W times the global
+  gradient when every g_r = 1 — what vlm.distributed.gather_features yields today;
+- scale/bias: each rank returns the part of d(sum_r g_r loss_r) that its tiles (its image
+  rows x all columns) carry, so their mean over ranks is the global gradient. (With
+  gather_features every rank's own loss would be differentiated instead; the sum over
+  ranks is the same, the split differs.)
+
+`impl` picks the local tile work: "torch" (these loops, any device), "triton" (the same
+tile algorithm as Triton kernels, vlm/kernels/contrastive_triton.py, imported on first use)
+or "naive" (the textbook formula on the full logits: the reference and the baseline)."""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlm.distributed import gather_features, gather_labels, world
+
+KINDS = ("softmax", "sigmoid")
+IMPLS = ("torch", "triton", "naive")
+# Tuned on 2 CPU cores at D=512 fp32 (benchmarks/loss_memory.py): a tile costs ~20 torch
+# ops, each a parallel region, so on CPU tiles must be large for the GEMMs and the
+# elementwise passes to amortise it (256 x 256 ran 3x slower than naive); 1024 x 1024 fp32
+# (4 MiB, about four alive at once) stays inside 16 KB a sample from B = 4096 up.
+TORCH_BLOCKS = (1024, 1024)
+# GPU tiles: 64 x 64 fp32 accumulators fit the registers of one program.
+TRITON_BLOCKS = (64, 64)
+# Columns are visited in chunks of at most this many: one rank's text rows at a time
+# (broadcast by their owner: a chunked all-gather, so no rank ever holds all B x D columns)
+# and, within them, at most this many per tile pass (which bounds the Triton launcher's
+# per-program column buffers at programs x COLUMN_CHUNK floats).
+COLUMN_CHUNK = 65536
+
+
+def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                     kind: Literal["softmax", "sigmoid"] = "softmax", labels: Tensor | None = None,
+                     impl: Literal["torch", "triton", "naive"] = "torch",
+                     block_rows: int | None = None, block_cols: int | None = None) -> Tensor:
+    """Loss of this rank, fp32 scalar. image, text: [b, D] local rows (fp32/bf16/fp16);
+    scale: [1] logit multiplier (1/T, already exp'd); bias: [1] (sigmoid only);
+    labels: [b] int64, -1 = unlabelled. block_rows/block_cols: tile shape, None = the
+    impl's default (TORCH_BLOCKS, TRITON_BLOCKS; naive ignores them).
+
+    softmax: 0.5 * (mean_i -(1/|P(i)|) sum_{k in P(i)} log softmax_k(S_i.) + the same for
+    text rows against all images) — clip_infonce without labels, unicl with them.
+    sigmoid: sum_{i local, j all} -log sigmoid(z_ij S_ij) / b, z = +1 on positives — siglip."""
+    _check(image, text, scale, bias, kind, labels, impl, block_rows, block_cols)
+    if impl == "naive":
+        return naive_contrastive_loss(image, text, scale, bias, kind=kind, labels=labels)
+    default = TORCH_BLOCKS if impl == "torch" else TRITON_BLOCKS
+    blocks = (block_rows or default[0], block_cols or default[1])
+    return _TiledContrastive.apply(image, text, scale, bias, labels, kind, impl, blocks)
+
+
+def _check(image, text, scale, bias, kind, labels, impl, block_rows, block_cols) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    for name, x in (("image", image), ("text", text)):
+        if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{name} must be [b, D] with b, D >= 1, got {tuple(x.shape)}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if image.shape != text.shape:
+        raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must have the same shape")
+    if image.dtype != text.dtype or image.device != text.device:
+        raise ValueError(f"image and text must share dtype and device, got {image.dtype}/{image.device} "
+                         f"and {text.dtype}/{text.device}")
+    if not isinstance(scale, Tensor) or scale.numel() != 1:
+        raise ValueError("scale must be a 1-element tensor")
+    if kind == "sigmoid" and (not isinstance(bias, Tensor) or bias.numel() != 1):
+        raise ValueError("kind='sigmoid' needs bias, a 1-element tensor")
+    if kind == "softmax" and bias is not None:
+        raise ValueError("kind='softmax' takes no bias (pass bias=None)")
+    if labels is not None:
+        if labels.dtype != torch.int64:
+            raise ValueError(f"labels must be int64, got {labels.dtype}")
+        if labels.shape != (image.shape[0],):
+            raise ValueError(f"labels must be [b] = [{image.shape[0]}], got {tuple(labels.shape)}")
+    for name, n in (("block_rows", block_rows), ("block_cols", block_cols)):
+        if n is not None and (not isinstance(n, int) or n <= 0):
+            raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+
+def positive_counts(all_labels: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """|P(i)| for the n global rows, fp32 [n]: the rows sharing a label >= 0, else 1 (own pair)."""
+    if all_labels is None:
+        return torch.ones(n, device=device)
+    _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
+    return torch.where(all_labels >= 0, counts[inverse], 1).float()
+
+
+# ---------------------------------------------------------------------------- naive
+
+def naive_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None = None, *,
+                           kind: str = "softmax", labels: Tensor | None = None) -> Tensor:
+    """The textbook formula on the full [b, B] logits (fp32), distributed through
+    gather_features like vlm.objectives. On one process the text->image logits are the
+    transpose of the same matrix (one GEMM, as a fair baseline)."""
+    rank, size = world()
+    b = image.shape[0]
+    all_text = gather_features(text).float()
+    all_labels = gather_labels(labels) if labels is not None else None
+    scale = scale.float().reshape(())
+    logits = scale * image.float() @ all_text.T
+    cols = torch.arange(b, device=image.device) + rank * b
+    local = torch.arange(b, device=image.device)
+    if labels is None:
+        positive = None
+    else:
+        positive = (labels[:, None] == all_labels[None, :]) & (labels[:, None] >= 0)
+        positive[local, cols] = True
+    if kind == "sigmoid":
+        logits = logits + bias.float().reshape(())
+        signs = -torch.ones_like(logits)
+        signs[local, cols] = 1.0
+        if positive is not None:
+            signs[positive] = 1.0
+        return -F.logsigmoid(signs * logits).sum() / b
+    logits_t2i = logits.T if size == 1 else scale * text.float() @ gather_features(image).float().T
+    if positive is None:
+        return 0.5 * (F.cross_entropy(logits, cols) + F.cross_entropy(logits_t2i, cols))
+    weights = positive / positive.sum(dim=1, keepdim=True)
+    loss_i2t = -(weights * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t2i = -(weights * F.log_softmax(logits_t2i, dim=1)).sum(1).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
+# ------------------------------------------------------------- distributed wrapper
+
+class _TiledContrastive(torch.autograd.Function):
+    """The collectives and the per-rank loss; the tile passes come from `_tile_ops(impl)`."""
+
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, labels, kind, impl, blocks):
+        rank, size = world()
+        b = image.shape[0]
+        all_labels = _all_gather(labels) if labels is not None else None
+        counts = positive_counts(all_labels, size * b, image.device)
+        ops = _tile_ops(impl)
+        scale32 = scale.detach().float().reshape(1)
+        bias32 = bias.detach().float().reshape(1) if bias is not None else None
+        offset = rank * b
+        own = slice(offset, offset + b)
+        if kind == "sigmoid":
+            row_loss = torch.zeros(b, device=image.device)
+            for c0, c1, y in _column_chunks(text):
+                lab = all_labels[c0:c1] if labels is not None else None
+                row_loss += ops.sigmoid_forward(image, y, scale32, bias32, labels, lab, offset - c0, blocks)
+            loss = row_loss.sum() / b
+            saved = ()
+        else:
+            f32 = dict(device=image.device, dtype=torch.float32)
+            row_max, row_sum, row_pos = torch.full((b,), -math.inf, **f32), torch.zeros(b, **f32), torch.zeros(b, **f32)
+            col_max, col_sum, col_pos = torch.empty(size * b, **f32), torch.empty(size * b, **f32), torch.empty(size * b, **f32)
+            for c0, c1, y in _column_chunks(text):
+                lab = all_labels[c0:c1] if labels is not None else None
+                m, s, p, col_max[c0:c1], col_sum[c0:c1], col_pos[c0:c1] = ops.softmax_forward(
+                    image, y, scale32, labels, lab, offset - c0, blocks)
+                top = torch.maximum(row_max, m)
+                row_sum = row_sum * (row_max - top).exp() + s * (m - top).exp()
+                row_max, row_pos = top, row_pos + p
+            if size > 1:
+                col_max, col_sum, col_pos = _combine_columns(col_max, col_sum, col_pos)
+            # lse - mean positive logit, with the shift subtracted first: at |S| ~ 1000 a
+            # rounded lse alone would be off by ~1e-4
+            loss_i2t = (row_max - row_pos / counts[own] + row_sum.log()).sum()
+            loss_t2i = (col_max[own] - col_pos[own] / counts[own] + col_sum[own].log()).sum()
+            loss = 0.5 * (loss_i2t + loss_t2i) / b
+            saved = (row_max, row_sum, col_max, col_sum)
+        ctx.save_for_backward(image, text, scale32, bias32, labels, all_labels, counts, *saved)
+        ctx.kind, ctx.impl, ctx.blocks, ctx.offset, ctx.size = kind, impl, blocks, offset, size
+        ctx.params = (scale.dtype, scale.shape), (bias.dtype, bias.shape) if bias is not None else None
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, text, scale32, bias32, labels, all_labels, counts, *saved = ctx.saved_tensors
+        b, size, offset = image.shape[0], ctx.size, ctx.offset
+        ops = _tile_ops(ctx.impl)
+        g = grad.float().reshape(1)
+        f32 = dict(device=image.device, dtype=torch.float32)
+        dx, dscale = torch.zeros(image.shape, **f32), torch.zeros(1, **f32)
+        dy = torch.zeros(text.shape, **f32)  # this rank's text rows, summed from every rank
+        if ctx.kind == "sigmoid":
+            dbias = torch.zeros(1, **f32)
+            for c0, c1, y in _column_chunks(text):
+                lab = all_labels[c0:c1] if labels is not None else None
+                gx, gy, gs, gb = ops.sigmoid_backward(image, y, scale32, bias32, labels, lab, offset - c0,
+                                                      ctx.blocks, g / b)
+                dx += gx
+                dscale += gs
+                dbias += gb
+                _sum_to_owner(gy, c0, b, dy)
+        else:
+            row_max, row_sum, col_max, col_sum = saved
+            # a column's t2i term belongs to the rank that owns that text row, so it is
+            # weighed by that rank's upstream gradient (they usually agree)
+            g_all = _all_gather(g) if size > 1 else g
+            row_coef = 0.5 * g / b
+            col_coef = (0.5 / b) * g_all.repeat_interleave(b)
+            # softmax = exp(S - max) / sum: the factors coef / sum and coef / |P| per row and column
+            row = (row_max, row_coef / row_sum, row_coef / counts[offset:offset + b])
+            col = (col_max, col_coef / col_sum, col_coef / counts)
+            for c0, c1, y in _column_chunks(text):
+                lab = all_labels[c0:c1] if labels is not None else None
+                gx, gy, gs = ops.softmax_backward(image, y, scale32, labels, lab, offset - c0, ctx.blocks, row,
+                                                  tuple(v[c0:c1] for v in col))
+                dx += gx
+                dscale += gs
+                _sum_to_owner(gy, c0, b, dy)
+            dbias = None
+        (scale_dtype, scale_shape), bias_meta = ctx.params
+        if dbias is not None:
+            dbias = dbias.to(bias_meta[0]).reshape(bias_meta[1])
+        return (dx.to(image.dtype), dy.to(image.dtype), dscale.to(scale_dtype).reshape(scale_shape), dbias,
+                None, None, None, None)
+
+
+def _all_gather(x: Tensor) -> Tensor:
+    """[b, ...] -> [W*b, ...] rank-major, no gradient; x itself on one process."""
+    _, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _column_chunks(text: Tensor):
+    """(c0, c1, Y[c0:c1]) over the global columns, every rank in the same order: each rank's
+    b text rows broadcast by their owner, in pieces of at most COLUMN_CHUNK. Collective."""
+    rank, size = world()
+    b = text.shape[0]
+    for owner in range(size):
+        block = text.contiguous() if owner == rank else torch.empty_like(text)
+        if size > 1:
+            dist.broadcast(block, src=owner)
+        for s0 in range(0, b, COLUMN_CHUNK):
+            s1 = min(s0 + COLUMN_CHUNK, b)
+            yield owner * b + s0, owner * b + s1, block[s0:s1]
+
+
+def _sum_to_owner(gy: Tensor, c0: int, b: int, dy: Tensor) -> None:
+    """Adds every rank's gradient of global columns [c0, c0 + len(gy)) onto the rank that
+    owns them (their text rows), into its dy [b, D]. Collective."""
+    rank, size = world()
+    owner, s0 = divmod(c0, b)
+    if size > 1:
+        dist.reduce(gy, dst=owner)
+    if owner == rank:
+        dy[s0:s0 + gy.shape[0]] += gy
+
+
+def _combine_columns(col_max: Tensor, col_sum: Tensor, col_pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Partial column statistics over this rank's image rows -> over all image rows."""
+    global_max = col_max.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX)
+    sums = torch.stack([col_sum * (col_max - global_max).exp(), col_pos])
+    dist.all_reduce(sums)
+    return global_max, sums[0], sums[1]
+
+
+def _tile_ops(impl: str):
+    if impl == "triton":
+        from vlm.kernels import contrastive_triton
+        return contrastive_triton
+    return TorchTiles
+
+
+# ---------------------------------------------------------------- torch tile pass
+
+def _blocks(n: int, size: int):
+    return ((start, min(start + size, n)) for start in range(0, n, size))
+
+
+def _positives(labels: Tensor | None, all_labels: Tensor | None, offset: int, rows: tuple[int, int],
+               cols: tuple[int, int], device: torch.device):
+    """The positives of one tile: a bool [rows, cols] mask with labels, else the (row, col)
+    indices of the own pairs in it (possibly empty)."""
+    (r0, r1), (c0, c1) = rows, cols
+    lo, hi = max(offset + r0, c0), min(offset + r1, c1)
+    diag = torch.arange(lo, max(lo, hi), device=device)
+    if labels is None:
+        return diag - offset - r0, diag - c0
+    lr = labels[r0:r1]
+    mask = (lr[:, None] == all_labels[None, c0:c1]) & (lr[:, None] >= 0)
+    mask[diag - offset - r0, diag - c0] = True
+    return mask
+
+
+def _online_lse_(m: Tensor, s: Tensor, t: Tensor, dim: int) -> None:
+    """Fold tile t into the running max m and sum-exp s (relative to m) along dim."""
+    new = torch.maximum(m, t.amax(dim))
+    s.mul_((m - new).exp_()).add_((t - new.unsqueeze(dim)).exp_().sum(dim))
+    m.copy_(new)
+
+
+class TorchTiles:
+    """Plain-torch tile passes. Features are upcast to fp32 per tile; scale is folded into
+    the image rows (xs = scale * x) so a tile is one GEMM."""
+
+    @staticmethod
+    def softmax_forward(x, y, scale, labels, all_labels, offset, blocks):
+        """-> row_max, row_sum (sum exp(S - row_max)), row_pos (sum of positive logits),
+        all [b], and the same partial column statistics over these rows: col_max, col_sum,
+        col_pos [B]."""
+        b, n = x.shape[0], y.shape[0]
+        f32 = dict(device=x.device, dtype=torch.float32)
+        row_max, row_sum, row_pos = torch.empty(b, **f32), torch.empty(b, **f32), torch.zeros(b, **f32)
+        col_max, col_sum, col_pos = torch.full((n,), -math.inf, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+        for r0, r1 in _blocks(b, blocks[0]):
+            xs = x[r0:r1].float() * scale
+            m, s = torch.full((r1 - r0,), -math.inf, **f32), torch.zeros(r1 - r0, **f32)
+            for c0, c1 in _blocks(n, blocks[1]):
+                t = xs @ y[c0:c1].float().T
+                _online_lse_(m, s, t, 1)
+                _online_lse_(col_max[c0:c1], col_sum[c0:c1], t, 0)
+                pos = _positives(labels, all_labels, offset, (r0, r1), (c0, c1), x.device)
+                if isinstance(pos, tuple):
+                    vals = t[pos]
+                    row_pos[r0:r1].index_add_(0, pos[0], vals)
+                    col_pos[c0:c1].index_add_(0, pos[1], vals)
+                else:
+                    t_pos = torch.where(pos, t, 0.0)
+                    row_pos[r0:r1] += t_pos.sum(1)
+                    col_pos[c0:c1] += t_pos.sum(0)
+            row_max[r0:r1], row_sum[r0:r1] = m, s
+        return row_max, row_sum, row_pos, col_max, col_sum, col_pos
+
+    @staticmethod
+    def softmax_backward(x, y, scale, labels, all_labels, offset, blocks, row, col):
+        """dS = c_i (softmax_row - pos/|P(i)|) + c_j (softmax_col - pos/|P'(j)|)
+        = exp(S - max_i) f_i + exp(S - max_j) f_j - pos (w_i + w_j), with row = (max_i, f_i =
+        c_i / sum_i, w_i = c_i / |P(i)|) [b] and col = (max_j, f_j, w_j) [B]
+        -> dx [b, D], dy [B, D] (partial over these rows), dscale, all fp32."""
+        n = y.shape[0]
+        (row_max, row_f, row_w), (col_max, col_f, col_w) = row, col
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+        dscale = torch.zeros(1, device=x.device)
+        for r0, r1 in _blocks(x.shape[0], blocks[0]):
+            xr = x[r0:r1].float()
+            xs = xr * scale
+            gx = torch.zeros_like(xr)
+            for c0, c1 in _blocks(n, blocks[1]):
+                yc = y[c0:c1].float()
+                t = xs @ yc.T
+                ds = (t - row_max[r0:r1, None]).exp_().mul_(row_f[r0:r1, None])
+                ds.add_(t.sub_(col_max[None, c0:c1]).exp_().mul_(col_f[None, c0:c1]))
+                pos = _positives(labels, all_labels, offset, (r0, r1), (c0, c1), x.device)
+                rw, cw = row_w[r0:r1], col_w[c0:c1]
+                if isinstance(pos, tuple):
+                    ds[pos] -= rw[pos[0]] + cw[pos[1]]
+                else:
+                    ds.sub_(torch.where(pos, rw[:, None] + cw[None, :], 0.0))
+                gx.addmm_(ds, yc)
+                dy[c0:c1].addmm_(ds.T, xs)
+            dx[r0:r1] = gx * scale
+            dscale += (xr * gx).sum()  # sum_ij dS_ij x_i.y_j
+        return dx, dy, dscale
+
+    @staticmethod
+    def _signed(t, labels, all_labels, offset, rows, cols):
+        """q = -z * S in place (z = +1 on positives), and the positives."""
+        pos = _positives(labels, all_labels, offset, rows, cols, t.device)
+        if isinstance(pos, tuple):
+            t[pos] = -t[pos]
+        else:
+            t = torch.where(pos, -t, t)
+        return t, pos
+
+    @staticmethod
+    def sigmoid_forward(x, y, scale, bias, labels, all_labels, offset, blocks):
+        """-> row_loss [b] = sum_j -log sigmoid(z_ij S_ij) = sum_j softplus(-z_ij S_ij)."""
+        row_loss = torch.zeros(x.shape[0], device=x.device)
+        for r0, r1 in _blocks(x.shape[0], blocks[0]):
+            xs = x[r0:r1].float() * scale
+            for c0, c1 in _blocks(y.shape[0], blocks[1]):
+                t = torch.addmm(bias, xs, y[c0:c1].float().T)
+                q, _ = TorchTiles._signed(t, labels, all_labels, offset, (r0, r1), (c0, c1))
+                row_loss[r0:r1] -= F.logsigmoid(q.neg_()).sum(1)
+        return row_loss
+
+    @staticmethod
+    def sigmoid_backward(x, y, scale, bias, labels, all_labels, offset, blocks, coef):
+        """dS = coef * (-z) sigmoid(-z S) -> dx [b, D], dy [B, D] (partial), dscale, dbias."""
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
+        dscale, dbias = torch.zeros(1, device=x.device), torch.zeros(1, device=x.device)
+        for r0, r1 in _blocks(x.shape[0], blocks[0]):
+            xr = x[r0:r1].float()
+            xs = xr * scale
+            gx = torch.zeros_like(xr)
+            for c0, c1 in _blocks(y.shape[0], blocks[1]):
+                yc = y[c0:c1].float()
+                t = torch.addmm(bias, xs, yc.T)
+                q, pos = TorchTiles._signed(t, labels, all_labels, offset, (r0, r1), (c0, c1))
+                ds = q.sigmoid_().mul_(coef)
+                if isinstance(pos, tuple):
+                    ds[pos] = -ds[pos]
+                else:
+                    ds = torch.where(pos, -ds, ds)
+                dbias += ds.sum()
+                gx.addmm_(ds, yc)
+                dy[c0:c1].addmm_(ds.T, xs)
+            dx[r0:r1] = gx * scale
+            dscale += (xr * gx).sum()
+        return dx, dy, dscale, dbias

@@ -134,6 +134,10 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     metrics: MetricsConfig = MetricsConfig()
     eval: EvalConfig = EvalConfig()
+    # the memory-heavy losses (contrastive, captioning, token heads): auto = Triton kernels on
+    # CUDA, the same tiled algorithm in plain torch elsewhere; naive = the full logits
+    # matrices (the reference); see vlm/kernels and docs/kernels.md
+    kernels: Literal["auto", "triton", "torch", "naive"] = "auto"
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "RunConfig":

@@ -117,7 +117,7 @@ def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
     model = build_clip(cfg.model, vocab_size)
     pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
     objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim, model=model,
-                                  vocab_size=vocab_size) for o in cfg.objectives]
+                                  vocab_size=vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
     return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
 
 

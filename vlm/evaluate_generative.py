@@ -53,7 +53,7 @@ def load_pretrainer(path: str) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     model = build_clip(cfg.model, text.vocab_size)
     width = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
     objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=width, model=model,
-                                  vocab_size=text.vocab_size) for o in cfg.objectives]
+                                  vocab_size=text.vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
     pretrainer = Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
     pretrainer.load_state_dict(consolidated_state(ckpt, state))
     return pretrainer.eval(), text, cfg

@@ -6,6 +6,7 @@ from torch import nn
 
 from vlm.models.fusion import CrossBlock
 from vlm.models.transformer import Transformer
+from vlm.models.vocab import VocabProjection
 
 
 class CaptionDecoder(nn.Module):
@@ -19,7 +20,7 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(CrossBlock(width, image_width, heads, mlp_ratio, depth) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
+        self.head = VocabProjection(width, vocab_size)
         # small logits at initialisation: the caption loss starts at ln(vocab_size)
         nn.init.normal_(self.head.weight, std=0.02 * width ** -0.5)
         nn.init.zeros_(self.head.bias)
@@ -28,13 +29,18 @@ class CaptionDecoder(nn.Module):
 
     def forward(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """text_tokens [B, L, W] (causal text tower output), image_tokens [B, P, Wi] -> logits [B, L, V]."""
+        return self.head(self.features(text_tokens, image_tokens))
+
+    def features(self, text_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """The final normalised features [B, L, W] that `head` projects to the vocabulary
+        (the caption loss calls head(features, targets) and never builds the logits)."""
         n = text_tokens.shape[1]
         if n > self.causal_mask.shape[0]:
             raise ValueError(f"{n} tokens exceed the decoder's context length {self.causal_mask.shape[0]}")
         x = text_tokens
         for block in self.blocks:
             x = block(x, image_tokens, self.causal_mask[:n, :n])
-        return self.head(self.ln_final(x))
+        return self.ln_final(x)
 
 
 class MAEDecoder(nn.Module):

@@ -38,16 +38,21 @@ AnyObjectiveConfig = Annotated[Union[OBJECTIVE_CONFIGS], Field(discriminator="na
 
 
 def build_objective(cfg, *, embed_dim: int, vision_width: int, model: nn.Module | None = None,
-                    vocab_size: int | None = None) -> nn.Module:
+                    vocab_size: int | None = None, kernels: str = "auto") -> nn.Module:
     """cfg: one of OBJECTIVE_CONFIGS; embed_dim: E of the embeddings; vision_width: W of the
     image tower's pooled feature (the input of heads such as slip_image's). Objectives with
     `uses_model = True` also receive the model (to size their heads and decoders from its
-    towers) and the text vocabulary size."""
+    towers) and the text vocabulary size. kernels: RunConfig.kernels, for the objectives
+    with a memory-heavy loss (a `kernels` attribute: the contrastive ones, captioning and
+    the token heads), see vlm/kernels."""
     if cfg.name not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.name!r}; registered: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[cfg.name]
     extra = {"model": model, "vocab_size": vocab_size} if getattr(cls, "uses_model", False) else {}
-    return cls(cfg, embed_dim=embed_dim, vision_width=vision_width, **extra)
+    objective = cls(cfg, embed_dim=embed_dim, vision_width=vision_width, **extra)
+    if hasattr(objective, "kernels"):
+        objective.kernels = kernels
+    return objective
 
 
 __all__ = ["OBJECTIVES", "OBJECTIVE_CONFIGS", "AnyObjectiveConfig", "build_objective",

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vlm.kernels import resolve
+
 
 def caption_targets(tokens: torch.Tensor, eot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [B, L], eot_index [B] -> (targets [B, L-1] = tokens shifted left by one,
@@ -35,6 +37,11 @@ class ITGConfig(BaseModel):
     name: Literal["itg"] = "itg"
     weight: float = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # word dropout on the decoder's input (training only): this share of text positions is
+    # replaced by a learned vector, so the next word must often be read from the image
+    # rather than guessed from the words before it (Bowman et al. 2016 drop words for the
+    # same reason). Against the shortcut "red -> the shape red was seen with".
+    input_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class ITG(nn.Module):
@@ -45,6 +52,7 @@ class ITG(nn.Module):
     batch_coupled = False
     uses_model = True
     needs = frozenset({"image_tokens", "text_tokens"})
+    kernels = "auto"  # RunConfig.kernels, set by build_objective
 
     def __init__(self, cfg: ITGConfig, *, embed_dim: int, vision_width: int, model: nn.Module,
                  vocab_size: int | None = None):
@@ -54,9 +62,18 @@ class ITG(nn.Module):
         if not model.text.causal:
             raise ValueError("objective itg needs a causal text tower: set model.text.causal=true")
         self.cfg = cfg
+        if cfg.input_dropout > 0:
+            self.drop_embed = nn.Parameter(0.02 * torch.randn(model.text.pooled_dim))
 
     def forward(self, outputs: dict, batch: dict, *, model: nn.Module) -> dict[str, torch.Tensor]:
-        logits = model.decoder(outputs["text_tokens"][:, :-1], outputs["image_tokens"])
-        loss = caption_loss(logits=logits, tokens=batch["tokens"], eot_index=batch["eot_index"],
-                            label_smoothing=self.cfg.label_smoothing)
+        text = outputs["text_tokens"][:, :-1]
+        if self.training and self.cfg.input_dropout > 0:
+            drop = torch.rand(text.shape[:2], device=text.device) < self.cfg.input_dropout
+            text = torch.where(drop[..., None], self.drop_embed.to(text.dtype), text)
+        feats = model.decoder.features(text, outputs["image_tokens"])
+        targets, valid = caption_targets(batch["tokens"], batch["eot_index"])
+        # the same as caption_loss(logits=head(feats), ...), without the [B, L-1, V] logits
+        # unless kernels is naive
+        loss = model.decoder.head(feats[valid], targets[valid], impl=resolve(self.kernels, feats.device),
+                                  label_smoothing=self.cfg.label_smoothing)
         return {self.name: loss}

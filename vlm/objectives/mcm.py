@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.objectives.mim import masked_patch_mse, normalised_patches, patchify
-from vlm.objectives.mlm import TokenHead, mask_tokens, masked_token_loss
+from vlm.objectives.mlm import TokenHead, head_loss, mask_tokens
 
 MAX_BLOCK_TRIES = 100  # per image, then random patches top the mask up
 
@@ -68,6 +68,7 @@ class MCM(nn.Module):
     batch_coupled = False
     uses_model = True
     needs = frozenset()
+    kernels = "auto"  # RunConfig.kernels, set by build_objective
 
     def __init__(self, cfg: MCMConfig, *, embed_dim: int, vision_width: int, model: nn.Module,
                  vocab_size: int | None):
@@ -97,6 +98,6 @@ class MCM(nn.Module):
         fused = model.fusion(image, text, eot)
         loss_image = masked_patch_mse(pred=self.pixel_head(fused["image"]),
                                       target=normalised_patches(patchify(images, self.patch_size)), mask=patch_mask)
-        loss_text = masked_token_loss(logits=self.token_head(fused["text"]), targets=tokens, selected=m["selected"])
+        loss_text = head_loss(self.token_head, fused["text"], tokens, m["selected"], self.kernels)
         return {self.name: loss_image + loss_text, f"{self.name}/image": loss_image.detach(),
                 f"{self.name}/text": loss_text.detach(), f"{self.name}/image_mask_ratio": patch_mask.float().mean()}

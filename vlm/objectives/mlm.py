@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vlm.kernels import resolve
+from vlm.models.vocab import VocabProjection
+
 
 def mask_tokens(tokens: torch.Tensor, eot_index: torch.Tensor, *, ratio: float, vocab_size: int,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -48,12 +51,23 @@ class TokenHead(nn.Module):
     def __init__(self, width: int, vocab_size: int):
         super().__init__()
         self.ln = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, vocab_size)
+        self.proj = VocabProjection(width, vocab_size)
         nn.init.normal_(self.proj.weight, std=0.02 * width ** -0.5)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.ln(x))
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, *, impl: str = "naive") -> torch.Tensor:
+        """x [..., W] -> logits [..., V]; with targets [...]: their mean cross-entropy instead,
+        fused (no logits) unless impl is naive."""
+        return self.proj(self.ln(x), targets, impl=impl)
+
+
+def head_loss(head: TokenHead, feats: torch.Tensor, targets: torch.Tensor, selected: torch.Tensor,
+              kernels: str) -> torch.Tensor:
+    """masked_token_loss(logits=head(feats), targets, selected) without the [B, L, V] logits
+    (unless kernels is naive)."""
+    if not selected.any():  # nothing chosen in this micro-batch: a zero that keeps the graph
+        return head(feats).sum() * 0.0
+    return head(feats[selected], targets[selected], impl=resolve(kernels, feats.device))
 
 
 class MLMConfig(BaseModel):
@@ -70,6 +84,7 @@ class MLM(nn.Module):
     batch_coupled = False
     uses_model = True
     needs = frozenset()
+    kernels = "auto"  # RunConfig.kernels, set by build_objective
 
     def __init__(self, cfg: MLMConfig, *, embed_dim: int, vision_width: int, model: nn.Module,
                  vocab_size: int | None):
@@ -86,5 +101,4 @@ class MLM(nn.Module):
         m = mask_tokens(tokens, eot, ratio=self.cfg.mask_ratio, vocab_size=self.vocab_size)
         feats = model.text(m["input_ids"], eot, causal=False, masked=m["use_mask"],
                            mask_embed=self.mask_embed)["tokens"]
-        loss = masked_token_loss(logits=self.head(feats), targets=tokens, selected=m["selected"])
-        return {self.name: loss}
+        return {self.name: head_loss(self.head, feats, tokens, m["selected"], self.kernels)}

@@ -355,3 +355,22 @@ def test_new_objectives_are_registered_with_their_coupling():
                 {"name": "itm", "negative_temperature": 0}, {"name": "mlm", "nope": 1}):
         with pytest.raises(ValidationError):
             adapter.validate_python(bad)
+
+
+def test_itg_input_dropout_only_in_training_and_learns_its_vector():
+    torch.manual_seed(0)
+    model = small_model(decoder={"depth": 1, "heads": 2})
+    plain = build_objective(ITGConfig(), embed_dim=16, vision_width=32, model=model, vocab_size=V)
+    dropping = build_objective(ITGConfig(input_dropout=0.5), embed_dim=16, vision_width=32, model=model,
+                               vocab_size=V)
+    tokens, eot = text_batch(8)
+    outputs = model(torch.randn(8, 3, 16, 16), tokens, eot)
+    b = {"tokens": tokens, "eot_index": eot}
+    reference = plain(outputs, b, model=model)["itg"]
+    dropping.eval()
+    assert torch.equal(dropping(outputs, b, model=model)["itg"], reference)  # off at evaluation
+    dropping.train()
+    loss = dropping(outputs, b, model=model)["itg"]
+    assert not torch.equal(loss, reference)
+    grad, = torch.autograd.grad(loss, dropping.drop_embed)
+    assert grad.abs().sum() > 0

@@ -10,12 +10,10 @@ its run resumes from the newest complete checkpoint in the same run directory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -156,7 +154,7 @@ def _status_line(j) -> str:
     return "; ".join(parts)
 
 
-def _stage(cfg, name: str, args) -> str:
+def _stage(cfg, name: str) -> str:
     """A temporary working_dir: the project's packages and configs plus the resolved run
     config. Ray uploads it (zipped, content-addressed) to the cluster."""
     root = Path(__file__).resolve().parent.parent
@@ -222,7 +220,7 @@ def cmd_submit(args) -> int:
         print(f"run {name!r} is already submitted, not starting another: {_status_line(job)}")
         return _follow(client, job.submission_id) if args.wait else 0
     sid = submission_id(name, len(previous) + 1)
-    stage = _stage(cfg, name, args)
+    stage = _stage(cfg, name)
     entrypoint = (f"python -m cluster.cli cluster run --config {JOB_CONFIG} --name {name} "
                   f"--max-failures {args.max_failures}")
     try:

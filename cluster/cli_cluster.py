@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -224,9 +225,9 @@ def cmd_submit(args) -> int:
     entrypoint = (f"python -m cluster.cli cluster run --config {JOB_CONFIG} --name {name} "
                   f"--max-failures {args.max_failures}")
     try:
-        client.submit_job(entrypoint=entrypoint, submission_id=sid,
-                          runtime_env={"working_dir": stage, "env_vars": env},
-                          metadata={"vlm_run": name, "run_dir": cfg.run_dir})
+        _submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=sid,
+                                 runtime_env={"working_dir": stage, "env_vars": env},
+                                 metadata={"vlm_run": name, "run_dir": cfg.run_dir})
     except RuntimeError as e:
         if "already exists" not in str(e):
             raise
@@ -244,6 +245,23 @@ def cmd_submit(args) -> int:
           f"{Path(cfg.run_dir) / 'metrics' / 'targets'}/ (`vlm monitor {cfg.run_dir}` scrapes them)")
     print(f"  watch: vlm cluster status {name} / vlm cluster logs {name} --follow; stop: vlm cluster stop {name}")
     return _follow(client, sid) if args.wait else 0
+
+
+def _submit_when_agent_ready(client, *, timeout: float = 90.0, **job) -> None:
+    """client.submit_job, retried while the head's job agent is not up yet (a cluster
+    started moments ago answers 'No available agent to submit job'); bounded."""
+    deadline = time.monotonic() + timeout
+    delay = 1.0
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() + delay > deadline:
+                raise
+            print(f"the cluster's job agent is not ready yet; retrying in {delay:.0f}s", file=sys.stderr)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def _follow(client, sid: str) -> int:

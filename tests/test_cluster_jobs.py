@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from rayhead import ray_head
 from shardgen import TINY_MODEL, set_args, write_shards
 from vlm import checkpoint
 
@@ -24,12 +23,6 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 TINY = [*TINY_MODEL, "train.micro_batch_size=6", "metrics.port=0", "eval.every_steps=0", "train.log_every=5"]
 WAIT_S = 300  # every poll below is bounded by this
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for_cli() -> dict[str, str]:
@@ -41,53 +34,10 @@ def env_for_cli() -> dict[str, str]:
     return env
 
 
-def stop_head(temp_dir: str, port: int) -> None:
-    """Kills this head's processes only (`ray stop` would kill every Ray on the machine,
-    a user's demo included): those naming its temp dir or its GCS address, and their
-    descendants (agents, workers, dashboard modules)."""
-    import psutil
-
-    def ours(p):
-        args = p.info["cmdline"] or []
-        return any(temp_dir in a or a.endswith(f":{port}") for a in args)
-
-    procs = {p for p in psutil.process_iter(["cmdline"]) if ours(p)}
-    for p in list(procs):
-        try:
-            procs.update(p.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    import tempfile
-
-    # short: Ray puts unix sockets under it (at most ~107 characters a path)
-    temp_dir = tempfile.mkdtemp(prefix="vlmray")
-    port, dash = free_port(), free_port()
-    env = env_for_cli()
-    # every port of its own: another Ray on this machine (a demo, a user's cluster) holds
-    # the default agent ports, and the job server needs its agent
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port",
-                                                    "node-manager-port", "object-manager-port",
-                                                    "ray-client-server-port")]
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp_dir}", *ports],
-                   check=True, env=env, capture_output=True, timeout=120)
-    try:
-        yield f"http://127.0.0.1:{dash}"
-    finally:
-        stop_head(temp_dir, port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+def head():
+    with ray_head(env_for_cli()) as h:
+        yield h.dashboard_url
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from rayhead import ray_head as start_head
 from shardgen import TINY_MODEL, set_args, write_shards
 from vlm import checkpoint
 
@@ -22,17 +22,9 @@ TINY = [*TINY_MODEL, "train.micro_batch_size=6", "train.log_every=1", "train.ste
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ)
-    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=0", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}"
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+def ray_head():
+    with start_head(dict(os.environ)) as h:
+        yield h.address
 
 
 @pytest.fixture(scope="module")

@@ -74,8 +74,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
                  stop_key: str | None = None) -> None:
     """Blocks until every worker has finished; raises if the run failed (after
     max_failures restarts of the worker group; -1: unlimited). resume: None, 'auto',
-    'latest' or a tag; a restarted group always resumes ('auto'), whatever the first
-    start did."""
+    'latest' or a tag. Every start of the group runs the same loop config, so with
+    restarts allowed None and 'latest' become 'auto' (a restart then resumes the newest
+    checkpoint); a tag would be resumed again after a restart, losing the steps since."""
     import ray
 
     from cluster.ray_local import worker_env

@@ -129,9 +129,10 @@ class Trainer:
                  should_stop: Callable[[], bool] | None = None):
         """resume: None (a fresh run), 'auto' (the newest complete checkpoint when there is
         one, else a fresh run: what a restarted worker group or a resubmitted job wants),
-        'latest', a tag or a path. should_stop: polled once per step on every rank, like
-        SIGTERM; a True anywhere makes every rank save and stop (the Ray job launcher's
-        stop request reaches the workers through it)."""
+        'latest', a tag or a path. should_stop: polled once per step by rank 0 (one read
+        per step for the whole run, not one per worker); like a SIGTERM on any rank, a True
+        makes every rank save and stop (the Ray job launcher's stop request reaches the
+        workers through it)."""
         import deepspeed  # imported late: it inspects the accelerator at import time
 
         self.cfg = cfg
@@ -352,7 +353,7 @@ class Trainer:
 
     def _agree_to_stop(self) -> bool:
         """Whether any rank was asked to stop (SIGTERM, should_stop): all ranks must save together."""
-        if self.should_stop is not None and not self.stop_requested and self.should_stop():
+        if self.should_stop is not None and self.rank == 0 and not self.stop_requested and self.should_stop():
             self.stop_requested, self.stop_reason = True, "the job was asked to stop"
         if self.world_size == 1:
             return self.stop_requested

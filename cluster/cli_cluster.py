@@ -280,8 +280,7 @@ def _follow(client, sid: str) -> int:
 def _wait_terminal(client, sid: str, *, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        status = str(client.get_job_status(sid))
-        status = status.rsplit(".", 1)[-1]
+        status = str(client.get_job_status(sid))  # JobStatus is a str enum: "SUCCEEDED", ...
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(1.0)
@@ -291,7 +290,7 @@ def cmd_status(args) -> int:
     client = _client(args.address)
     j = _find(client, args.job)
     if args.json:
-        print(json.dumps({"submission_id": j.submission_id, "status": str(j.status).rsplit(".", 1)[-1],
+        print(json.dumps({"submission_id": j.submission_id, "status": str(j.status),
                           "run": (j.metadata or {}).get("vlm_run"), "run_dir": (j.metadata or {}).get("run_dir"),
                           "message": j.message, "start_time": j.start_time, "end_time": j.end_time,
                           "entrypoint": j.entrypoint}, indent=2))
@@ -315,7 +314,7 @@ def cmd_logs(args) -> int:
 def cmd_stop(args) -> int:
     client = _client(args.address)
     j = _find(client, args.job)
-    if str(j.status).rsplit(".", 1)[-1] in TERMINAL:
+    if str(j.status) in TERMINAL:
         print(f"{j.submission_id} has already ended: {j.status}")
         return 0
     client.stop_job(j.submission_id)
@@ -330,7 +329,7 @@ def cmd_stop(args) -> int:
 def cmd_list(args) -> int:
     client = _client(args.address)
     jobs = (sorted(client.list_jobs(), key=lambda j: (j.start_time or 0)) if args.all else _vlm_jobs(client))
-    rows = [{"submission_id": j.submission_id, "status": str(j.status).rsplit(".", 1)[-1],
+    rows = [{"submission_id": j.submission_id, "status": str(j.status),
              "run": (j.metadata or {}).get("vlm_run", ""), "run_dir": (j.metadata or {}).get("run_dir", ""),
              "start_time": j.start_time} for j in jobs]
     if args.json:

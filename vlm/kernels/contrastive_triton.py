@@ -51,6 +51,18 @@ def _tile_logits(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stri
 
 
 @triton.jit
+def _block(lab_ptr, start, n, BLOCK: tl.constexpr, HAS_LABELS: tl.constexpr):
+    """Indices start..start+BLOCK, their mask (< n) and their labels (-1 past n; the
+    indices themselves when unlabelled, never read then)."""
+    idx = start + tl.arange(0, BLOCK)
+    mask = idx < n
+    lab = idx
+    if HAS_LABELS:
+        lab = tl.load(lab_ptr + idx, mask=mask, other=-1)
+    return idx, mask, lab
+
+
+@triton.jit
 def _tile_positives(global_rows, cols, lab_r, lab_c, HAS_LABELS: tl.constexpr):
     pos = global_rows[:, None] == cols[None, :]
     if HAS_LABELS:
@@ -67,20 +79,12 @@ def _softmax_fwd_kernel(x_ptr, y_ptr, lab_r_ptr, lab_c_ptr, scale_ptr, row_max_p
     scale = tl.load(scale_ptr)
     buf = pid * n  # this program's row of the [programs, n] column buffers
     for r0 in range(pid * BLOCK_M, b, programs * BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < b
-        lab_r = rows
-        if HAS_LABELS:
-            lab_r = tl.load(lab_r_ptr + rows, mask=row_mask, other=-1)
+        rows, row_mask, lab_r = _block(lab_r_ptr, r0, b, BLOCK_M, HAS_LABELS)
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         p_i = tl.zeros((BLOCK_M,), tl.float32)
         for c0 in range(0, n, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            col_mask = cols < n
-            lab_c = cols
-            if HAS_LABELS:
-                lab_c = tl.load(lab_c_ptr + cols, mask=col_mask, other=-1)
+            cols, col_mask, lab_c = _block(lab_c_ptr, c0, n, BLOCK_N, HAS_LABELS)
             s = _tile_logits(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale
             pos = _tile_positives(offset + rows, cols, lab_r, lab_c, HAS_LABELS)
@@ -130,18 +134,10 @@ def _sigmoid_fwd_kernel(x_ptr, y_ptr, lab_r_ptr, lab_c_ptr, scale_ptr, bias_ptr,
     pid = tl.program_id(0)
     scale = tl.load(scale_ptr)
     bias = tl.load(bias_ptr)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < b
-    lab_r = rows
-    if HAS_LABELS:
-        lab_r = tl.load(lab_r_ptr + rows, mask=row_mask, other=-1)
+    rows, row_mask, lab_r = _block(lab_r_ptr, pid * BLOCK_M, b, BLOCK_M, HAS_LABELS)
     acc = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n
-        lab_c = cols
-        if HAS_LABELS:
-            lab_c = tl.load(lab_c_ptr + cols, mask=col_mask, other=-1)
+        cols, col_mask, lab_c = _block(lab_c_ptr, c0, n, BLOCK_N, HAS_LABELS)
         s = _tile_logits(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                          BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST) * scale + bias
         pos = _tile_positives(offset + rows, cols, lab_r, lab_c, HAS_LABELS)
@@ -163,11 +159,7 @@ def _bwd_kernel(x_ptr, y_ptr, lab_r_ptr, lab_c_ptr, scale_ptr, bias_ptr, coef_pt
     dX (owned rows), dY (atomic), dscale/dbias per-program partials."""
     pid = tl.program_id(0)
     scale = tl.load(scale_ptr)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < b
-    lab_r = rows
-    if HAS_LABELS:
-        lab_r = tl.load(lab_r_ptr + rows, mask=row_mask, other=-1)
+    rows, row_mask, lab_r = _block(lab_r_ptr, pid * BLOCK_M, b, BLOCK_M, HAS_LABELS)
     bias = 0.0
     if SIGMOID:
         bias = tl.load(bias_ptr)
@@ -179,11 +171,7 @@ def _bwd_kernel(x_ptr, y_ptr, lab_r_ptr, lab_c_ptr, scale_ptr, bias_ptr, coef_pt
     dscale = tl.zeros((BLOCK_M,), tl.float32)
     dbias = tl.zeros((BLOCK_M,), tl.float32)
     for c0 in range(0, n, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N)
-        col_mask = cols < n
-        lab_c = cols
-        if HAS_LABELS:
-            lab_c = tl.load(lab_c_ptr + cols, mask=col_mask, other=-1)
+        cols, col_mask, lab_c = _block(lab_c_ptr, c0, n, BLOCK_N, HAS_LABELS)
         raw = _tile_logits(x_ptr, y_ptr, rows, cols, row_mask, col_mask, D, stride_x, stride_y,
                            BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, UPCAST)
         s = raw * scale + bias

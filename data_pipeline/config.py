@@ -72,7 +72,10 @@ class IngestConfig(BaseModel):
     url_col: str = "url"
     caption_col: str = "caption"
     shard_size: int = Field(10_000, gt=0)
-    threads: int = Field(16, gt=0)
+    threads: int = Field(16, gt=0)  # downloads in flight per shard task
+    # Rows decoded/resized/encoded at once per shard task (each task reserves one CPU).
+    # The download threads take turns here, so 16 of them do not fight over one core.
+    decode_threads: int = Field(1, gt=0)
     image_size: int = Field(32, gt=0)
     resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "center_crop"
     # shrinking filter: box = area averaging (OpenCV's INTER_AREA); enlarging is bicubic

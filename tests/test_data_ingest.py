@@ -7,6 +7,7 @@ import tarfile
 import threading
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -168,6 +169,59 @@ def test_decode_composites_alpha_on_white_and_guards_pixels():
     with pytest.raises(Exception) as info:
         decode_image(buf.getvalue(), IngestConfig(min_image_size=30))
     assert info.value.reason == "too_small"
+
+
+def _png_variants() -> dict[str, bytes]:
+    """PNGs of every colour type, bit depth and transparency kind, plus an eXIf rotation."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, size=(24, 36, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, size=(24, 36, 4), dtype=np.uint8))
+    images = {
+        "rgb": (rgb, {}), "rgba": (rgba, {}), "l": (rgb.convert("L"), {}), "la": (rgba.convert("LA"), {}),
+        "p": (rgb.convert("P"), {}), "p_trns": (rgb.convert("P"), {"transparency": 3}),
+        "l16": (Image.fromarray((rng.integers(0, 65536, size=(24, 36))).astype(np.uint16)), {}),
+        "1bit": (rgb.convert("1"), {}),
+    }
+    out = {}
+    for name, (img, kw) in images.items():
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        out[name] = buf.getvalue()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to view
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", exif=exif.tobytes())
+    out["rgb_exif_rot"] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("name", list(_png_variants()))
+def test_png_decode_matches_pillow(name):
+    """The libspng path gives Pillow's pixels for every PNG kind (16-bit grey within 1 level:
+    the two round 16 -> 8 bits differently), with eXIf orientation and transparency kept."""
+    from PIL import ImageOps
+
+    from data_pipeline.ingest import _to_rgb
+
+    data = _png_variants()[name]
+    img, w, h = decode_image(data, IngestConfig())
+    ref = Image.open(io.BytesIO(data))
+    ref.load()
+    ref = _to_rgb(ImageOps.exif_transpose(ref) if name == "rgb_exif_rot" else ref)
+    if name == "l16":  # Pillow opens 16-bit grey as mode I;16 and clips it to 255 on convert
+        ref = Image.fromarray((np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 257).round()
+                              .astype(np.uint8)).convert("RGB")
+    assert img.mode == "RGB" and (w, h) == (36, 24)
+    assert img.size == ((24, 36) if name == "rgb_exif_rot" else (36, 24))
+    diff = np.abs(np.asarray(img, dtype=int) - np.asarray(ref, dtype=int)).max()
+    assert diff <= (1 if name == "l16" else 0), diff
+
+
+def test_truncated_png_is_a_decode_error():
+    data = _png_variants()["rgb"]
+    with pytest.raises(Exception) as info:
+        decode_image(data[: len(data) // 2], IngestConfig())
+    assert info.value.reason == "decode_error"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,20 @@ import json
 import sys
 from pathlib import Path
 
-from vlm import checkpoint
+
+
+class _Checkpoint:
+    """vlm.checkpoint, imported on first use: it imports torch (~2 s), which every other
+    `vlm` command, --help included, should not wait for just because this module
+    registers its parser."""
+
+    def __getattr__(self, name: str):
+        from vlm import checkpoint as module
+
+        return getattr(module, name)
+
+
+checkpoint = _Checkpoint()
 
 
 def add_ckpt_commands(sub, config_args) -> None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from data_pipeline.config import CorpusConfig, IngestConfig
 from data_pipeline.reader import ReaderConfig
 from vlm.models.config import ModelConfig
-from vlm.objectives import AnyObjectiveConfig, ClipInfoNCEConfig
+from vlm.objectives.configs import AnyObjectiveConfig, ClipInfoNCEConfig
 
 
 class Strict(BaseModel):

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.distributed import gather_features, world
 from vlm.kernels import resolve
+from vlm.objectives.configs import ClipInfoNCEConfig
+
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps 1/T at 100 so logits stay bounded
 
@@ -44,15 +44,6 @@ def clip_infonce(*, image_embed: torch.Tensor, text_embed: torch.Tensor,
 def logit_scale_parameter(init_temperature: float, learn: bool) -> nn.Parameter:
     """log(1/T) as a [1] parameter: DeepSpeed cannot broadcast a 0-d parameter."""
     return nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)), requires_grad=learn)
-
-
-class ClipInfoNCEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["clip_infonce"] = "clip_infonce"
-    weight: float = Field(1.0, gt=0)
-    # below 0.01 the clamp would pin 1/T at 100 with a zero gradient from the first step
-    init_temperature: float = Field(0.07, ge=0.01)
-    learn_temperature: bool = True
 
 
 class ClipInfoNCE(nn.Module):

@@ -3,14 +3,12 @@ tower's token features and the image tokens go through the model's caption decod
 position predicts the next token (<sot> w1 ... wn -> w1 ... wn <eot>)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.kernels import resolve
+from vlm.objectives.configs import ITGConfig
 
 
 def caption_targets(tokens: torch.Tensor, eot_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,18 +28,6 @@ def caption_loss(*, logits: torch.Tensor, tokens: torch.Tensor, eot_index: torch
     exactly nothing."""
     targets, valid = caption_targets(tokens, eot_index)
     return F.cross_entropy(logits[valid], targets[valid], label_smoothing=label_smoothing)
-
-
-class ITGConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["itg"] = "itg"
-    weight: float = Field(1.0, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    # word dropout on the decoder's input (training only): this share of text positions is
-    # replaced by a learned vector, so the next word must often be read from the image
-    # rather than guessed from the words before it (Bowman et al. 2016 drop words for the
-    # same reason). Against the shortcut "red -> the shape red was seen with".
-    input_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class ITG(nn.Module):

@@ -6,14 +6,13 @@ caption of the same image) excluded. One positive per two negatives: a head that
 only the base rate sits at H(1/3) = 0.6365, its initial loss is ln 2."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.distributed import gather_features, gather_labels, world
+from vlm.objectives.configs import ITMConfig
+
 
 BASE_RATE_LOSS = 0.6365141682948128  # binary entropy of 1/3, in nats
 
@@ -35,17 +34,6 @@ def itm_loss(*, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """logits [N] (the matching score S before the sigmoid), labels [N] in {0, 1} (p of eq.
     10) -> mean over pairs of -(p log σ(s) + (1-p) log(1-σ(s)))."""
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-class ITMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["itm"] = "itm"
-    weight: float = Field(1.0, gt=0)
-    negative_temperature: float = Field(0.07, gt=0, description="of the softmax the negatives are drawn from")
-    # Also exclude rows with the same class label (batch["labels"], as UniCL's positives):
-    # for a corpus whose captions mostly name the class, another image's caption of the
-    # same class usually describes this image too, and drawing it as a negative is label noise.
-    exclude_same_label: bool = False
 
 
 class ITM(nn.Module):

@@ -6,14 +6,14 @@ dVAE codes; this project has no image tokenizer); text target: the masked tokens
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vlm.objectives.configs import MCMConfig
 from vlm.objectives.mim import masked_patch_mse, normalised_patches, patchify
 from vlm.objectives.mlm import TokenHead, head_loss, mask_tokens
+
 
 MAX_BLOCK_TRIES = 100  # per image, then random patches top the mask up
 
@@ -50,14 +50,6 @@ def block_mask(batch: int, grid: int, ratio: float, *, min_block: int = 4,
             free = (~flat).nonzero()[:, 0]
             flat[free[torch.randperm(len(free), generator=generator)[:missing]]] = True
     return masks.view(batch, grid * grid)
-
-
-class MCMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["mcm"] = "mcm"
-    weight: float = Field(1.0, gt=0)
-    image_mask_ratio: float = Field(0.4, gt=0, lt=1)
-    text_mask_ratio: float = Field(0.15, gt=0, lt=1)
 
 
 class MCM(nn.Module):

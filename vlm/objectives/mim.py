@@ -4,13 +4,11 @@ and the loss is the mean squared error on the masked patches only, against each 
 own normalised pixels (MAE's norm_pix_loss target)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.models.decoder import MAEDecoder
+from vlm.objectives.configs import MIMConfig
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -49,17 +47,6 @@ def masked_patch_mse(*, pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     per_patch = (pred - target).pow(2).mean(dim=-1)
     weights = mask.to(per_patch.dtype)
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
-
-
-class MIMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["mim"] = "mim"
-    weight: float = Field(1.0, gt=0)
-    mask_ratio: float = Field(0.75, gt=0, lt=1)
-    norm_pix: bool = True
-    decoder_width: int = Field(64, gt=0)
-    decoder_depth: int = Field(1, gt=0)
-    decoder_heads: int = Field(4, gt=0)
 
 
 class MIM(nn.Module):

@@ -3,15 +3,13 @@ chosen; of those 80% are replaced by a learned [MASK] embedding, 10% by a random
 10% left unchanged; the bidirectional text tower predicts the chosen tokens."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.kernels import resolve
 from vlm.models.vocab import VocabProjection
+from vlm.objectives.configs import MLMConfig
 
 
 def mask_tokens(tokens: torch.Tensor, eot_index: torch.Tensor, *, ratio: float, vocab_size: int,
@@ -68,13 +66,6 @@ def head_loss(head: TokenHead, feats: torch.Tensor, targets: torch.Tensor, selec
     if not selected.any():  # nothing chosen in this micro-batch: a zero that keeps the graph
         return head(feats).sum() * 0.0
     return head(feats[selected], targets[selected], impl=resolve(kernels, feats.device))
-
-
-class MLMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["mlm"] = "mlm"
-    weight: float = Field(1.0, gt=0)
-    mask_ratio: float = Field(0.15, gt=0, lt=1)
 
 
 class MLM(nn.Module):

@@ -6,14 +6,13 @@ own phrase is that phrase."""
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.models.roi import roi_align
+from vlm.objectives.configs import RegionWordConfig
 
 
 def focal_loss(*, logits: torch.Tensor, labels: torch.Tensor, alpha: float | None, gamma: float) -> torch.Tensor:
@@ -39,18 +38,6 @@ def feature_map(image_tokens: torch.Tensor) -> torch.Tensor:
     if g * g != p:
         raise ValueError(f"{p} image tokens do not form a square grid")
     return image_tokens.transpose(1, 2).reshape(b, w, g, g)
-
-
-class RegionWordConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["region_word"] = "region_word"
-    weight: float = Field(1.0, gt=0)
-    output_size: int = Field(2, gt=0, description="RoI-align bins per side (averaged into one feature)")
-    sampling_ratio: int = Field(2, gt=0, description="bilinear samples per bin per side")
-    focal_alpha: float | None = Field(0.25, gt=0, lt=1)
-    focal_gamma: float = Field(2.0, ge=0)
-    init_scale: float = Field(10.0, gt=0)
-    init_bias: float = -2.0
 
 
 class RegionWord(nn.Module):

@@ -1,16 +1,14 @@
 """Sigmoid image–text loss with a learnable temperature and bias (SigLIP)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.distributed import gather_features, world
 from vlm.kernels import resolve
 from vlm.objectives.clip_infonce import logit_scale_parameter
+from vlm.objectives.configs import SigLIPConfig
 
 
 def siglip(*, image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: torch.Tensor,
@@ -34,17 +32,6 @@ def siglip(*, image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: 
     own = torch.arange(b, device=image_embed.device)
     signs[own, own + rank * b] = 1.0
     return -F.logsigmoid(signs * logits).sum() / b
-
-
-class SigLIPConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["siglip"] = "siglip"
-    weight: float = Field(1.0, gt=0)
-    # SigLIP initialises t = exp(t') with t' = log 10, i.e. a temperature of 1/10, and
-    # b = -10 so that the many negatives do not dominate the first steps
-    init_temperature: float = Field(0.1, gt=0)
-    init_bias: float = -10.0
-    learn_temperature: bool = True
 
 
 class SigLIP(nn.Module):

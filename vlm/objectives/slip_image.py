@@ -2,14 +2,12 @@
 as used by SLIP; the NT-Xent form of SimCLR)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.distributed import gather_features, world
+from vlm.objectives.configs import SlipImageConfig
 
 
 def slip_image(*, view_embed: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,15 +29,6 @@ def slip_image(*, view_embed: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = view_embed @ all_views.T / temperature
     logits = logits.index_put((local, own), torch.tensor(float("-inf"), device=logits.device))
     return F.cross_entropy(logits, positive)
-
-
-class SlipImageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["slip_image"] = "slip_image"
-    weight: float = Field(1.0, gt=0)
-    head_hidden: int = Field(512, ge=1)
-    head_dim: int = Field(128, ge=1)
-    temperature: float = Field(0.1, gt=0)
 
 
 class SlipImage(nn.Module):

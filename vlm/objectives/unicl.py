@@ -1,16 +1,14 @@
 """Image–text–label contrastive loss (survey eq. 4–5, UniCL)."""
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vlm.distributed import gather_features, gather_labels, world
 from vlm.kernels import resolve
 from vlm.objectives.clip_infonce import MAX_LOGIT_SCALE, logit_scale_parameter
+from vlm.objectives.configs import UniCLConfig
 
 
 def unicl(*, image_embed: torch.Tensor, text_embed: torch.Tensor, labels: torch.Tensor,
@@ -42,14 +40,6 @@ def unicl(*, image_embed: torch.Tensor, text_embed: torch.Tensor, labels: torch.
     loss_i2t = -(weights * F.log_softmax(scale * image_embed @ all_text.T, dim=1)).sum(1).mean()
     loss_t2i = -(weights * F.log_softmax(scale * text_embed @ all_image.T, dim=1)).sum(1).mean()
     return 0.5 * (loss_i2t + loss_t2i)
-
-
-class UniCLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["unicl"] = "unicl"
-    weight: float = Field(1.0, gt=0)
-    init_temperature: float = Field(0.07, ge=0.01)  # see ClipInfoNCEConfig
-    learn_temperature: bool = True
 
 
 class UniCL(nn.Module):

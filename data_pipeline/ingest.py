@@ -495,7 +495,7 @@ class IngestSummary:
 @contextlib.contextmanager
 def _ray_session():
     """Use the caller's Ray if initialised, else a private local instance on loopback."""
-    from data_pipeline.local_ray import loopback_env, use_loopback_only
+    from data_pipeline.local_ray import use_loopback_only
 
     use_loopback_only()
     import ray
@@ -503,12 +503,10 @@ def _ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        runtime_env={"env_vars": loopback_env()},
-    )
+    # No runtime_env: the workers inherit the loopback settings from this process's
+    # environment (the raylet is our child), and a runtime_env would keep Ray from using
+    # the workers it starts with the node (the first tasks waited ~1 s for new ones).
+    ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
     try:
         yield ray
     finally:

@@ -106,6 +106,11 @@ def _check_loopback(host: str) -> str:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # http.server writes the headers and the body with separate sends; with Nagle on, the
+    # body of every response on a kept-alive connection waited ~40 ms for the client's
+    # delayed ACK of the headers. Web servers set TCP_NODELAY on keep-alive connections
+    # (nginx's tcp_nodelay is on by default), so the test server does too.
+    disable_nagle_algorithm = True
 
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
         pass

@@ -8,21 +8,25 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 
-# clip_infonce.py
-class ClipInfoNCEConfig(BaseModel):
+class _Objective(BaseModel):
+    """What every objective's config has: a `name` (each subclass narrows it to its
+    Literal, the union's discriminator) and the loss `weight`; unknown keys are errors."""
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    name: Literal["clip_infonce"] = "clip_infonce"
+    name: str
     weight: float = Field(1.0, gt=0)
+
+
+# clip_infonce.py
+class ClipInfoNCEConfig(_Objective):
+    name: Literal["clip_infonce"] = "clip_infonce"
     # below 0.01 the clamp would pin 1/T at 100 with a zero gradient from the first step
     init_temperature: float = Field(0.07, ge=0.01)
     learn_temperature: bool = True
 
 
 # siglip.py
-class SigLIPConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class SigLIPConfig(_Objective):
     name: Literal["siglip"] = "siglip"
-    weight: float = Field(1.0, gt=0)
     # SigLIP initialises t = exp(t') with t' = log 10, i.e. a temperature of 1/10, and
     # b = -10 so that the many negatives do not dominate the first steps
     init_temperature: float = Field(0.1, gt=0)
@@ -31,29 +35,23 @@ class SigLIPConfig(BaseModel):
 
 
 # slip_image.py
-class SlipImageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class SlipImageConfig(_Objective):
     name: Literal["slip_image"] = "slip_image"
-    weight: float = Field(1.0, gt=0)
     head_hidden: int = Field(512, ge=1)
     head_dim: int = Field(128, ge=1)
     temperature: float = Field(0.1, gt=0)
 
 
 # unicl.py
-class UniCLConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class UniCLConfig(_Objective):
     name: Literal["unicl"] = "unicl"
-    weight: float = Field(1.0, gt=0)
     init_temperature: float = Field(0.07, ge=0.01)  # see ClipInfoNCEConfig
     learn_temperature: bool = True
 
 
 # mim.py
-class MIMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class MIMConfig(_Objective):
     name: Literal["mim"] = "mim"
-    weight: float = Field(1.0, gt=0)
     mask_ratio: float = Field(0.75, gt=0, lt=1)
     norm_pix: bool = True
     decoder_width: int = Field(64, gt=0)
@@ -62,27 +60,21 @@ class MIMConfig(BaseModel):
 
 
 # mlm.py
-class MLMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class MLMConfig(_Objective):
     name: Literal["mlm"] = "mlm"
-    weight: float = Field(1.0, gt=0)
     mask_ratio: float = Field(0.15, gt=0, lt=1)
 
 
 # mcm.py
-class MCMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class MCMConfig(_Objective):
     name: Literal["mcm"] = "mcm"
-    weight: float = Field(1.0, gt=0)
     image_mask_ratio: float = Field(0.4, gt=0, lt=1)
     text_mask_ratio: float = Field(0.15, gt=0, lt=1)
 
 
 # itg.py
-class ITGConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class ITGConfig(_Objective):
     name: Literal["itg"] = "itg"
-    weight: float = Field(1.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # word dropout on the decoder's input (training only): this share of text positions is
     # replaced by a learned vector, so the next word must often be read from the image
@@ -92,10 +84,8 @@ class ITGConfig(BaseModel):
 
 
 # itm.py
-class ITMConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class ITMConfig(_Objective):
     name: Literal["itm"] = "itm"
-    weight: float = Field(1.0, gt=0)
     negative_temperature: float = Field(0.07, gt=0, description="of the softmax the negatives are drawn from")
     # Also exclude rows with the same class label (batch["labels"], as UniCL's positives):
     # for a corpus whose captions mostly name the class, another image's caption of the
@@ -104,10 +94,8 @@ class ITMConfig(BaseModel):
 
 
 # region_word.py
-class RegionWordConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+class RegionWordConfig(_Objective):
     name: Literal["region_word"] = "region_word"
-    weight: float = Field(1.0, gt=0)
     output_size: int = Field(2, gt=0, description="RoI-align bins per side (averaged into one feature)")
     sampling_ratio: int = Field(2, gt=0, description="bilinear samples per bin per side")
     focal_alpha: float | None = Field(0.25, gt=0, lt=1)

@@ -117,7 +117,7 @@ class _RawServer:
     def __init__(self, response: bytes):
         import socket
 
-        self.response, self.connections = response, 0
+        self.response, self.connections, self.requests = response, 0, []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(16)
@@ -138,6 +138,7 @@ class _RawServer:
                     if not chunk:
                         break
                     data += chunk
+                self.requests.append(data.decode("latin-1"))
                 conn.sendall(self.response)
 
     def close(self):
@@ -167,6 +168,20 @@ def test_a_keep_alive_connection_closed_by_the_server_is_replaced():
         second = fetch(f"http://127.0.0.1:{srv.port}/b.png", _plain_cfg())
         assert (first.data, second.data) == (b"abcd", b"abcd"), (first.error, second.error)
         assert srv.connections == 2
+    finally:
+        fetch_mod._idle().clear()
+        srv.close()
+
+
+def test_request_names_our_agent_and_the_host_not_the_address():
+    srv = _RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+    try:
+        cfg = FetchConfig(retries=0, deadline_s=5, user_agent="testbot/2.0", resolve={"img.test": ["127.0.0.1"]},
+                          allow_private_hosts=["img.test"])
+        assert fetch(f"http://img.test:{srv.port}/a/b.png?x=1", cfg).data == b"abcd"
+        head = srv.requests[-1].split("\r\n")
+        assert head[0] == "GET /a/b.png?x=1 HTTP/1.1"
+        assert f"Host: img.test:{srv.port}" in head and "User-Agent: testbot/2.0" in head
     finally:
         fetch_mod._idle().clear()
         srv.close()

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 
-
 class _Checkpoint:
     """vlm.checkpoint, imported on first use: it imports torch (~2 s), which every other
     `vlm` command, --help included, should not wait for just because this module

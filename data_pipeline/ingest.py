@@ -414,9 +414,9 @@ def ingest_shard(rows: list[dict] | pa.Table, shard_id: int, output_dir: str, cf
     limiter = DomainRateLimiter(rate) if rate > 0 else None
     reporter = ProgressReporter(registry, shard_id)
 
-    # Downloads overlap; decoding takes turns (decode_threads at once): with 16 threads
-    # decoding on the task's one core, two tasks spent 27% more CPU per row (cache and
-    # GIL contention) than with one decoder each.
+    # Downloads overlap; decoding takes turns (decode_threads at once): with all 16
+    # threads decoding on the task's one core, two tasks on two cores took ~12% longer
+    # on the benchmark corpus than with one decoder each (cache and GIL contention).
     cpu_slots = threading.BoundedSemaphore(cfg.decode_threads)
 
     def work(i: int) -> None:

@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -217,6 +218,10 @@ def main(argv=None) -> int:
         print(f"vlm ingest    {best_vlm:.0f} samples/s (best of {args.repeat}, wall time of the command)")
         print(f"img2dataset   {best_i2d:.0f} samples/s (best of {args.repeat}, wall time of the command)")
         print(f"ratio         {best_vlm / best_i2d:.2f}x (vlm / img2dataset)")
+        if args.repeat >= 2:  # best against best hides the spread; say it
+            runs = ", ".join(f"{v / i:.2f}x" for v, i in zip(rates["vlm"], rates["i2d"]))
+            med = statistics.median(rates["vlm"]) / statistics.median(rates["i2d"])
+            print(f"run by run    {runs}; medians {med:.2f}x")
 
     if not args.skip_memory:
         port = _free_port()  # closed: every row fails at connect

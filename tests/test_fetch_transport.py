@@ -95,7 +95,6 @@ def test_https_verifies_the_named_host(tls_server, monkeypatch):
     # same address, another name: the certificate does not cover it, so it is refused
     wrong = fetch(f"https://other.test:{port}/a.png", _cfg())
     assert wrong.reason == "connection_error" and "CERTIFICATE_VERIFY_FAILED" in wrong.error
-    monkeypatch.setattr(fetch_mod, "_ssl", None)
 
 
 def test_keep_alive_connection_is_reused_per_host(tls_server, monkeypatch):
@@ -107,7 +106,6 @@ def test_keep_alive_connection_is_reused_per_host(tls_server, monkeypatch):
         assert fetch(f"https://images.test:{port}/a.png", _cfg()).ok
     assert _Handler.seen_sni == ["images.test"]  # one handshake for three requests
     fetch_mod._idle().clear()
-    monkeypatch.setattr(fetch_mod, "_ssl", None)
 
 
 class _RawServer:

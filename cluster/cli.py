@@ -122,8 +122,10 @@ def prepare_tokenizer(cfg) -> None:
     from vlm.tokenizer import ensure_tokenizer
 
     path = Path(cfg.run_dir) / TOKENIZER_FILE
+    colour = cfg.data.colour_augment
     if ensure_tokenizer(cfg.path(cfg.data.train_shards), path, vocab_size=cfg.tokenizer.vocab_size,
-                        min_frequency=cfg.tokenizer.min_frequency):
+                        min_frequency=cfg.tokenizer.min_frequency,
+                        extra_words=[colour.grey_word] if colour.enabled else []):
         print(f"trained a BPE tokenizer on the training captions: {path}")
 
 

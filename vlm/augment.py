@@ -1,17 +1,24 @@
-"""Batch augmentations for the image–image objective (two views per image, SimCLR-style).
+"""Batch augmentations for the image–image objective (two views per image, SimCLR-style),
+and the caption-consistent greyscale augmentation of training samples (the caption's
+colour words renamed to match).
 
 Done on whole batches with one affine grid per sample (crop scale, aspect ratio, position,
 horizontal flip) and per-sample brightness/contrast, so a batch of views costs two tensor
-ops instead of a PIL pipeline per image. Hue is never changed: in the demo corpus (and
-often on the web) colour is part of what the caption says."""
+ops instead of a PIL pipeline per image. The views never change hue: in the demo corpus
+(and often on the web) colour is part of what the caption says, which is why the greyscale
+augmentation renames the caption's colour words when it takes the image's colours away."""
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from vlm.config import AugmentConfig
+from vlm.config import AugmentConfig, ColourAugmentConfig
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:
@@ -44,3 +51,54 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
 def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """[B, 3, S, S] -> [2B, 3, S, S]: all first views, then all second views."""
     return torch.cat([augment(images, cfg, generator), augment(images, cfg, generator)])
+
+
+# ---- caption-consistent greyscale (data.colour_augment) ----
+
+_WORDS = re.compile(r"([A-Za-z]+)")
+
+
+def rename_colours(text: str, words: Iterable[str], new: str) -> str:
+    """Every colour word of `words` in `text` (whole words, any case) -> `new`, capitalised
+    where the word was, with an "a"/"an" just before it made to fit `new`."""
+    words = frozenset(words)
+    parts = _WORDS.split(text)  # odd indices are words
+    for i in range(1, len(parts), 2):
+        if parts[i].lower() not in words:
+            continue
+        parts[i] = new.capitalize() if parts[i][0].isupper() else new
+        if i >= 3 and parts[i - 2].lower() in ("a", "an") and parts[i - 1].isspace():
+            article = "an" if new[0] in "aeiou" else "a"
+            parts[i - 2] = article.capitalize() if parts[i - 2][0].isupper() else article
+    return "".join(parts)
+
+
+def greyscale_image(img: Image.Image) -> Image.Image:
+    return img.convert("L").convert("RGB")
+
+
+def colour_augment(sample: dict, cfg: ColourAugmentConfig, draw: float,
+                   label_field: str | None = None) -> tuple[dict, Callable[[Image.Image], Image.Image] | None]:
+    """One training sample and a uniform draw in [0, 1) -> (the sample to use, the image
+    transform or None). draw < cfg.greyscale: the image is shown in greyscale and the
+    caption ("txt"), the class label (json[label_field]) and the region phrases
+    (json["regions"][*]["phrase"]) have their colour words renamed grey_word; the image's
+    id (json["sha256"], set from the bytes when absent) changes, as it is another picture
+    now. Otherwise unchanged."""
+    if draw >= cfg.greyscale:
+        return sample, None
+    words, new = cfg.colour_words, cfg.grey_word
+    out = dict(sample)
+    out["txt"] = rename_colours(sample.get("txt", ""), words, new)
+    meta = dict(sample.get("json") or {})
+    if label_field and isinstance(meta.get(label_field), str):
+        meta[label_field] = rename_colours(meta[label_field], words, new)
+    if isinstance(meta.get("regions"), list):
+        meta["regions"] = [dict(r, phrase=rename_colours(r["phrase"], words, new))
+                           if isinstance(r, dict) and isinstance(r.get("phrase"), str) else r
+                           for r in meta["regions"]]
+    digest = meta.get("sha256") or hashlib.sha256(
+        next((sample[e] for e in ("jpg", "png", "webp") if e in sample), b"")).hexdigest()
+    meta["sha256"] = f"{digest}:grey"
+    out["json"] = meta
+    return out, greyscale_image

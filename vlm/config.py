@@ -31,6 +31,47 @@ class AugmentConfig(Strict):
     contrast: float = Field(0.2, ge=0, lt=1)
 
 
+# Colour words the caption-consistent greyscale augmentation renames: the basic English
+# colour terms and common shades. Achromatic words (black, white, grey) are left alone:
+# they stay true of a greyscale image.
+COLOUR_WORDS: tuple[str, ...] = (
+    "red", "crimson", "scarlet", "maroon", "ruby", "cherry",
+    "orange", "tangerine", "amber", "coral", "rust",
+    "yellow", "golden", "gold", "lemon", "mustard",
+    "green", "emerald", "grassy", "olive", "mint", "lime",
+    "teal", "turquoise", "cyan", "aqua",
+    "blue", "azure", "cobalt", "navy", "sapphire", "indigo",
+    "purple", "violet", "plum", "lavender", "lilac", "magenta",
+    "pink", "rose", "fuchsia", "brown", "beige", "tan",
+)
+
+
+class ColourAugmentConfig(Strict):
+    """Caption-consistent greyscale augmentation (training only, applied by vlm.augment): a
+    share of the samples is shown in greyscale, with every colour word of its caption,
+    class label and region phrases renamed `grey_word`. A grey image of every shape makes
+    the model read shape apart from colour, which is what lets a captioner name a colour
+    and a shape it never saw together (docs/generative.md). No image of a new colour is
+    made: on the demo, no held-out (colour, shape) pair is ever shown."""
+    greyscale: float = Field(0.0, ge=0, le=1, description="share of samples shown in greyscale")
+    grey_word: str = Field("grey", pattern=r"^[a-z]+$")
+    colour_words: list[str] = Field(default_factory=lambda: list(COLOUR_WORDS))
+
+    @model_validator(mode="after")
+    def _check(self) -> "ColourAugmentConfig":
+        for word in self.colour_words:
+            if not word.isalpha() or word != word.lower():
+                raise ValueError(f"colour_words: {word!r} is not a lower-case word")
+        if self.grey_word in self.colour_words:
+            raise ValueError(f"grey_word {self.grey_word!r} is one of colour_words: a grey image "
+                             "would be named by a colour")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.greyscale > 0
+
+
 class TokenizerConfig(Strict):
     vocab_size: int = Field(1000, ge=64)
     min_frequency: int = Field(2, ge=1)
@@ -119,6 +160,7 @@ class DataConfig(Strict):
     reader: ReaderConfig = ReaderConfig()
     label_field: str | None = "label"  # sample metadata field holding the class (UniCL); None = no labels
     augment: AugmentConfig = AugmentConfig()  # the two views of image–image objectives
+    colour_augment: ColourAugmentConfig = ColourAugmentConfig()  # caption-consistent greyscale (training)
     train_shards: str = "{run_dir}/shards/train"
     eval_shards: str = "{run_dir}/shards/heldout"
 

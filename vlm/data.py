@@ -4,25 +4,30 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from data_pipeline.reader import ShardReader
-from vlm.augment import AugmentConfig, two_views
+from vlm.augment import AugmentConfig, colour_augment, two_views
+from vlm.config import ColourAugmentConfig
 from vlm.tokenizer import TextEncoder
 
 IMAGE_EXTS = ("jpg", "png", "webp")
 
 
-def decode_image(sample: dict, image_size: int) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1]."""
+def decode_image(sample: dict, image_size: int,
+                 transform: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
+    """-> [3, S, S] float in [-1, 1]; `transform` (e.g. the colour augmentation's) is applied
+    to the decoded RGB image before resizing."""
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__shard__')} has no image")
     img = Image.open(io.BytesIO(data)).convert("RGB")
+    if transform is not None:
+        img = transform(img)
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
@@ -92,15 +97,18 @@ class BatchLoader:
     "image_ids" [B] (see image_id) and, for "regions", the box and phrase fields of
     region_fields. Other names in `needs` (model outputs) are not batch fields and are ignored.
 
-    The views' randomness is seeded from (seed, batch number), so a resumed run draws the
-    same augmentations without storing generator state."""
+    `colour` (data.colour_augment) shows a share of the samples in greyscale, renaming the
+    colour words of their caption, label and region phrases (vlm.augment).
+    The views' and the colour augmentation's randomness is seeded from (seed, rank, batch
+    number), so a resumed run draws the same augmentations without storing generator state."""
 
     def __init__(self, reader: ShardReader, text: TextEncoder, *, batch_size: int, image_size: int,
                  label_field: str | None = None, views: AugmentConfig | None = None, seed: int = 0,
-                 needs: frozenset[str] = frozenset()):
+                 needs: frozenset[str] = frozenset(), colour: ColourAugmentConfig | None = None):
         self.reader, self.text = reader, text
         self.batch_size, self.image_size = batch_size, image_size
         self.label_field, self.views, self.seed = label_field, views, seed
+        self.colour = colour if colour is not None and colour.enabled else None
         self.needs = frozenset(needs)
         self._it: Iterator[dict] | None = None
         self.batches = 0
@@ -111,7 +119,12 @@ class BatchLoader:
         if self._it is None:
             self._it = iter(self.reader)
         samples = [next(self._it) for _ in range(self.batch_size)]
-        images = torch.stack([decode_image(s, self.image_size) for s in samples])
+        transforms = [None] * len(samples)
+        if self.colour is not None:
+            g = torch.Generator().manual_seed(hash((self.seed, self.reader.rank, self.batches, 1)) & 0xFFFF_FFFF)
+            for i, draw in enumerate(torch.rand(len(samples), generator=g).tolist()):
+                samples[i], transforms[i] = colour_augment(samples[i], self.colour, draw, self.label_field)
+        images = torch.stack([decode_image(s, self.image_size, t) for s, t in zip(samples, transforms)])
         tokens, eot = self.text([s.get("txt", "") for s in samples])
         batch = {"images": images, "tokens": tokens, "eot_index": eot}
         if self.label_field:

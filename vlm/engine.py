@@ -174,7 +174,7 @@ class Trainer:
         self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
                                   image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
                                   views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
-                                  needs=model.needs)
+                                  needs=model.needs, colour=cfg.data.colour_augment)
         self.step, self.samples_seen = 0, 0
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)

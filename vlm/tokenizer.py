@@ -54,9 +54,13 @@ class TextEncoder:
         return tokens, eot
 
 
-def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequency: int) -> bool:
+def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequency: int,
+                     extra_words: Iterable[str] = ()) -> bool:
     """Trains the run's tokenizer on the captions of `shards_dir` unless `out_path` exists.
+    `extra_words` are words training will write into captions that the shards may lack (the
+    colour augmentation's names): each is shown often enough to become one token.
     Returns True when it trained one."""
+    import itertools
     from pathlib import Path
 
     from data_pipeline.reader import iter_tar_samples, list_shards
@@ -65,6 +69,8 @@ def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequenc
     if out_path.is_file():
         return False
     captions = (s.get("txt", "") for shard in list_shards(shards_dir) for s in iter_tar_samples(shard))
+    extra = [f"a {w}" for w in extra_words] * max(100, min_frequency)
+    captions = itertools.chain(captions, extra)
     tok = train_tokenizer(captions, vocab_size=vocab_size, min_frequency=min_frequency)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")

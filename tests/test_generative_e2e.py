@@ -103,7 +103,7 @@ def trained(tmp_path_factory):
     config = root / "run.yaml"
     config.write_text(f"""
 run_dir: {root / 'run'}
-data: {{train_shards: {root / 'train'}, eval_shards: {root / 'heldout'}}}
+data: {{train_shards: {root / 'train'}, eval_shards: {root / 'heldout'}, colour_augment: {{greyscale: 0.5}}}}
 model: {{decoder: {{}}, fusion: {{}}}}
 objectives:
   - {{name: clip_infonce}}
@@ -121,6 +121,9 @@ objectives:
 def test_caption_and_eval_generative_cli_on_a_trained_run(trained, capsys, tmp_path):
     log = [json.loads(line) for line in (trained / "run" / "train_log.jsonl").read_text().splitlines()]
     assert {"loss/itg", "loss/itm", "loss/clip_infonce"} <= set(log[-1])
+    # the greyscale augmentation's word is one token of the run's tokenizer
+    tok = TextEncoder.from_json((trained / "run" / "tokenizer.json").read_text(), 12).tokenizer
+    assert len(tok.encode("a grey", add_special_tokens=False).ids) == 2
     out_json = tmp_path / "cap.json"
     assert main(["caption", "--checkpoint", str(trained / "run"), "--beam", "2", "--limit", "6",
                  "--output", str(out_json)]) == 0

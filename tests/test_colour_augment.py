@@ -42,15 +42,15 @@ def _png(rgb_array):
 
 
 def _sample(colour="red", shape="square", caption="A crimson square on a dark background."):
-    pixels, bbox, _ = render_image(np.random.default_rng(1), colour, shape, 32)
+    pixels, _, _ = render_image(np.random.default_rng(1), colour, shape, 32)
     meta = {"label": f"{colour} {shape}", "sha256": "ab" * 32,
             "regions": [{"box": [0, 0, 1, 1], "phrase": f"{colour} {shape}"}]}
-    return {"__key__": "k", "png": _png(pixels), "txt": caption, "json": meta}, bbox
+    return {"__key__": "k", "png": _png(pixels), "txt": caption, "json": meta}
 
 
 def test_greyscale_renames_every_colour_word_and_makes_the_image_grey():
     cfg = ColourAugmentConfig(greyscale=0.5)
-    sample, _ = _sample()
+    sample = _sample()
     out, transform = colour_augment(sample, cfg, draw=0.2, label_field="label")
     assert out["txt"] == "A grey square on a dark background."
     assert out["json"]["label"] == "grey square" and out["json"]["regions"][0]["phrase"] == "grey square"

@@ -9,7 +9,6 @@ ops instead of a PIL pipeline per image. The views never change hue: in the demo
 augmentation renames the caption's colour words when it takes the image's colours away."""
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from typing import Callable, Iterable
@@ -82,9 +81,9 @@ def colour_augment(sample: dict, cfg: ColourAugmentConfig, draw: float,
     """One training sample and a uniform draw in [0, 1) -> (the sample to use, the image
     transform or None). draw < cfg.greyscale: the image is shown in greyscale and the
     caption ("txt"), the class label (json[label_field]) and the region phrases
-    (json["regions"][*]["phrase"]) have their colour words renamed grey_word; the image's
-    id (json["sha256"], set from the bytes when absent) changes, as it is another picture
-    now. Otherwise unchanged."""
+    (json["regions"][*]["phrase"]) have their colour words renamed grey_word; the sample
+    is marked "__variant__" so that its image id differs from the original's. Otherwise
+    unchanged."""
     if draw >= cfg.greyscale:
         return sample, None
     words, new = cfg.colour_words, cfg.grey_word
@@ -97,8 +96,6 @@ def colour_augment(sample: dict, cfg: ColourAugmentConfig, draw: float,
         meta["regions"] = [dict(r, phrase=rename_colours(r["phrase"], words, new))
                            if isinstance(r, dict) and isinstance(r.get("phrase"), str) else r
                            for r in meta["regions"]]
-    digest = meta.get("sha256") or hashlib.sha256(
-        next((sample[e] for e in ("jpg", "png", "webp") if e in sample), b"")).hexdigest()
-    meta["sha256"] = f"{digest}:grey"
     out["json"] = meta
+    out["__variant__"] = "grey"  # vlm.data.image_id: another picture than the original
     return out, greyscale_image

@@ -49,11 +49,14 @@ def label_id(value) -> int:
 def image_id(sample: dict) -> int:
     """A stable int64 naming the sample's image: equal for two samples (e.g. two captions)
     of the same image bytes, so that image–text matching never draws one as the other's
-    negative. The ingested sha256 when the metadata has one, else a hash of the bytes."""
+    negative. The ingested sha256 when the metadata has one, else a hash of the bytes; a
+    sample the colour augmentation changed ("__variant__") is another picture."""
     digest = sample.get("json", {}).get("sha256")
     if not digest:
         data = next((sample[e] for e in IMAGE_EXTS if e in sample), b"")
         digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if sample.get("__variant__"):
+        digest = f"{digest}:{sample['__variant__']}"
     return label_id(digest)
 
 

@@ -60,7 +60,7 @@ _WORDS = re.compile(r"([A-Za-z]+)")
 def rename_colours(text: str, words: Iterable[str], new: str) -> str:
     """Every colour word of `words` in `text` (whole words, any case) -> `new`, capitalised
     where the word was, with an "a"/"an" just before it made to fit `new`."""
-    words = frozenset(words)
+    words = frozenset(words)  # the same object when given a frozenset
     parts = _WORDS.split(text)  # odd indices are words
     for i in range(1, len(parts), 2):
         if parts[i].lower() not in words:
@@ -86,7 +86,7 @@ def colour_augment(sample: dict, cfg: ColourAugmentConfig, draw: float,
     unchanged."""
     if draw >= cfg.greyscale:
         return sample, None
-    words, new = cfg.colour_words, cfg.grey_word
+    words, new = frozenset(cfg.colour_words), cfg.grey_word  # one set for every field renamed
     out = dict(sample)
     out["txt"] = rename_colours(sample.get("txt", ""), words, new)
     meta = dict(sample.get("json") or {})

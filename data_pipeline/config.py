@@ -8,6 +8,7 @@ start-up with the offending key path instead of being silently ignored.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -41,6 +42,8 @@ class FetchConfig(BaseModel):
     # once); 0 = unlimited.
     rate_limit_per_domain: float = Field(0.0, ge=0)
     max_redirects: int = Field(3, ge=0)
+    # Host names, addresses or networks (10.0.0.0/8) fetched even though they are not
+    # globally routable; a name allows every address it resolves to.
     allow_private_hosts: list[str] = Field(default_factory=list)
     respect_robots_header: bool = True
     # Seconds a host's resolved addresses are reused: one DNS lookup per host per task and
@@ -49,6 +52,25 @@ class FetchConfig(BaseModel):
     # Host name -> addresses to use instead of DNS, like curl's --resolve. The addresses
     # are checked like resolved ones (a private one is refused unless allow-listed).
     resolve: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("allow_private_hosts")
+    @classmethod
+    def _names_or_networks(cls, value: list[str]) -> list[str]:
+        out = []
+        for entry in value:
+            name = entry.strip().lower()
+            last = name.rstrip(".").rpartition(".")[2]
+            try:
+                ip = ipaddress.ip_network(name) if "/" in name else ipaddress.ip_address(name)
+                out.append(str(ip))
+            except ValueError:
+                # Like ingest's URL check: a numeric last label means an address, and only
+                # canonical spellings are addresses (127.1 would never match a URL).
+                if not name or "/" in name or ":" in name or re.fullmatch(r"0x[0-9a-f]*|[0-9]+", last):
+                    raise ValueError(f"allow_private_hosts: {entry!r} is not a host name, an IP "
+                                     "address (a.b.c.d or IPv6) or a network (10.0.0.0/8)") from None
+                out.append(name)
+        return out
 
     @field_validator("resolve")
     @classmethod

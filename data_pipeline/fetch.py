@@ -2,11 +2,12 @@
 
 Guarantees: each attempt ends by ``deadline_s`` (headers and body, even against a server
 that trickles bytes or never answers); at most ``max_bytes`` are held; hosts resolving to
-private/loopback/link-local/reserved/multicast addresses are refused before any connection
-(unless allow-listed), every redirect hop is checked again, and the connection goes to the
-address that was checked; a host is resolved once per ``dns_cache_s`` per process;
-``X-Robots-Tag`` AI opt-outs are honoured. Only connection errors, timeouts, 5xx and 429
-are retried, with exponential backoff.
+an address that is not globally routable (an IPv6 form carrying an IPv4 address is judged
+by the IPv4 one) are refused before any connection unless allow-listed, and so are odd
+IPv4 spellings such as ``127.1``; every redirect hop is checked again, and the connection
+goes to the address that was checked; a host is resolved once per ``dns_cache_s`` per
+process; ``X-Robots-Tag`` AI opt-outs are honoured. Only connection errors, timeouts, 5xx
+and 429 are retried, with exponential backoff.
 
 Reasons: bad_url, dns_error, private_address, connection_error, timeout, deadline,
 too_large, empty_body, too_many_redirects, robots_optout, http_<code>.
@@ -14,9 +15,11 @@ too_large, empty_body, too_many_redirects, robots_optout, http_<code>.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import http.client
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -205,17 +208,113 @@ def _keep(target: "Target", conn: http.client.HTTPConnection) -> None:
     idle[key] = conn
 
 
-def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not (
-        ip.is_private
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_reserved
-        or ip.is_multicast
-        or ip.is_unspecified
-    )
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)\Z")
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # ::a.b.c.d (deprecated)
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # ::ffff:0:a.b.c.d (SIIT)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """The address ``host`` spells, or None for a name to resolve.
+
+    Only the canonical spellings are addresses: a dotted quad without leading zeros, or
+    IPv6. A host whose last label is a number (``2130706433``, ``0x7f.1``, ``0177.0.0.1``,
+    ``127.1``, ``127.0.0.1.``) is what inet_aton, getaddrinfo and browsers would read as an
+    address, each by its own rules (octal or decimal for leading zeros), so it is refused as
+    ``bad_url`` rather than normalised: no two readers can disagree on where it goes, and no
+    public image is addressed that way. Raises ``_Failure("bad_url")``.
+    """
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if ":" in host:
+        raise _Failure("bad_url", f"{host!r} is not a valid IPv6 address")
+    try:  # what getaddrinfo will see: a non-ASCII name goes out in its IDNA form
+        ascii_host = host if host.isascii() else host.encode("idna").decode("ascii")
+    except UnicodeError as e:
+        raise _Failure("bad_url", f"{host!r} is not a valid host name: {e}") from None
+    labels = ascii_host.lower().split(".")
+    if labels[-1] == "" and len(labels) > 1:  # one trailing dot ends a fully qualified name
+        labels.pop()
+    if _NUMERIC_LABEL.match(labels[-1]):
+        raise _Failure("bad_url", f"{host!r} is an IPv4 address in a non-canonical spelling; "
+                                  "write it as four decimal numbers (a.b.c.d)")
+    return None
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, where packets to it end up: IPv4-mapped,
+    IPv4-translated, 6to4, Teredo (server and client), NAT64 and IPv4-compatible forms."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
+        return [ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)]
+    return []
+
+
+def address_refusal(ip: IPAddress) -> str | None:
+    """None if ``ip`` may be fetched without an allow-list entry, else why not.
+
+    The rule is ``is_global`` (IANA's special-purpose registries: private, carrier-grade
+    NAT, loopback, link-local, documentation, benchmarking, unspecified, ...), less
+    multicast, reserved and site-local addresses, which is_global admits in some Python
+    versions. An IPv6 address that carries IPv4 ones is judged by those: is_global alone
+    admits 2002:a9fe:a9fe::1, which is 169.254.169.254.
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip in _NAT64_LOCAL:
+        return "local-use NAT64 prefix (the IPv4 address it reaches is not known)"
+    inner = embedded_ipv4(ip)
+    if inner:
+        for v4 in inner:
+            why = address_refusal(v4)
+            if why is not None:
+                return f"carries {v4}, {why}"
+        return None
+    if ip.is_multicast:
+        return "multicast"
+    if not ip.is_global or ip.is_reserved or getattr(ip, "is_site_local", False):
+        return "not a globally routable address"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _allow_list(entries: tuple[str, ...]) -> tuple[frozenset[str], tuple]:
+    """(host names, networks) of ``allow_private_hosts``; parsed once per distinct list."""
+    names, networks = set(), []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            names.add(entry.lower())
+    return frozenset(names), tuple(networks)
+
+
+def admit(host: str, addresses: list[IPAddress], allow: list[str]) -> IPAddress:
+    """The address to connect to if ``host`` with these (resolved) addresses may be fetched;
+    raises ``_Failure("private_address")`` otherwise. No I/O.
+
+    Every address must pass ``address_refusal``, unless ``host`` is an allowed name, or the
+    address (or an IPv4 address it carries) lies in an allowed address or network.
+    """
+    names, networks = _allow_list(tuple(allow))
+    if host not in names:
+        for ip in addresses:
+            why = address_refusal(ip)
+            if why is not None and not any(a.version == n.version and a in n
+                                           for a in (ip, *embedded_ipv4(ip)) for n in networks):
+                where = host if host == str(ip) else f"{host} resolves to {ip}"
+                raise _Failure("private_address", f"{where}: {why}")
+    return addresses[0]
 
 
 def resolve_host(host: str, port: int) -> list[str]:
@@ -275,9 +374,10 @@ class Target:
 def check_host(url: str, cfg: FetchConfig) -> Target:
     """Validate ``url`` and resolve its host; raise ``_Failure`` if it must not be fetched.
 
-    Every address must be public unless the name or the address is allow-listed. The
-    request then connects to the address checked here (not to a second DNS answer), so a
-    name whose DNS answer changes in between (rebinding) cannot slip through.
+    Every address must be globally routable (``admit``) unless the name or the address is
+    allow-listed. The request then connects to the address checked here, given to the
+    socket as a numeric string (no second DNS answer), so a name whose DNS answer changes
+    in between (rebinding) cannot slip through.
     """
     try:
         parts = urlsplit(url)
@@ -288,21 +388,18 @@ def check_host(url: str, cfg: FetchConfig) -> Target:
         raise _Failure("bad_url", f"unsupported URL {url!r}")
     host = parts.hostname.lower()
     port = port or (443 if parts.scheme == "https" else 80)
-    allowed = {a.lower() for a in cfg.allow_private_hosts}
-    try:
-        addresses = [str(ipaddress.ip_address(host))]  # a literal address: no DNS
-    except ValueError:
-        addresses = cfg.resolve.get(host) or dns_cache.lookup(host, port, cfg.dns_cache_s)
-    if host not in allowed:
-        for address in addresses:
-            ip = ipaddress.ip_address(address)
-            if not _is_public(ip) and str(ip) not in allowed:
-                raise _Failure("private_address", f"{host} resolves to {ip}")
+    literal = ip_literal(host)
+    if literal is not None:  # no DNS
+        addresses = [literal]
+    else:
+        found = cfg.resolve.get(host) or dns_cache.lookup(host, port, cfg.dns_cache_s)
+        addresses = [ipaddress.ip_address(a) for a in found]
+    address = admit(host, addresses, cfg.allow_private_hosts)
     netloc = parts.netloc.rpartition("@")[2]
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(parts.scheme, host, port, addresses[0], netloc, path)
+    return Target(parts.scheme, host, port, str(address), netloc, path)
 
 
 def robots_optout(header_values: list[str], user_agent: str) -> bool:

@@ -25,7 +25,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 from data_pipeline.config import FetchConfig
 
@@ -396,9 +396,15 @@ def check_host(url: str, cfg: FetchConfig) -> Target:
         addresses = [ipaddress.ip_address(a) for a in found]
     address = admit(host, addresses, cfg.allow_private_hosts)
     netloc = parts.netloc.rpartition("@")[2]
+    if not netloc.isascii():  # the Host header is ASCII: a name goes out in its IDNA form
+        netloc = host.encode("idna").decode("ascii") + ("" if parts.port is None else f":{parts.port}")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    # Web URL tables hold raw non-ASCII and spaces in paths, which http.client would refuse
+    # (it sends the request line as ASCII); they go out as browsers send them, UTF-8
+    # percent-encoded, and an existing %XX escape is left as it is.
+    path = quote(path, safe="/:@!$&'()*+,;=?%[]~")
     return Target(parts.scheme, host, port, str(address), netloc, path)
 
 

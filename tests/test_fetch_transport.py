@@ -183,3 +183,21 @@ def test_request_names_our_agent_and_the_host_not_the_address():
     finally:
         fetch_mod._idle().clear()
         srv.close()
+
+
+def test_non_ascii_names_and_paths_go_out_as_browsers_send_them():
+    """Real URL tables hold non-ASCII host names and raw non-ASCII or spaces in paths: the
+    Host header carries the IDNA form, the path is UTF-8 percent-encoded (an existing %XX
+    escape is kept), and fetch returns the body instead of raising."""
+    srv = _RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
+    try:
+        cfg = FetchConfig(retries=0, deadline_s=5, resolve={"例え.test": ["127.0.0.1"]},
+                          allow_private_hosts=["例え.test"])
+        result = fetch(f"http://例え.test:{srv.port}/фото/a b%20c.jpg?q=ü", cfg)
+        assert result.data == b"abcd", result.error
+        head = srv.requests[-1].split("\r\n")
+        assert head[0] == "GET /%D1%84%D0%BE%D1%82%D0%BE/a%20b%20c.jpg?q=%C3%BC HTTP/1.1"
+        assert f"Host: xn--r8jz45g.test:{srv.port}" in head
+    finally:
+        fetch_mod._idle().clear()
+        srv.close()

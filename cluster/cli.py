@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scrape-interval", default="2s", metavar="DURATION", help="scrape interval (default 2s)")
     p.add_argument("--for", dest="duration", type=float, metavar="SECONDS",
                    help="stop after this many seconds instead of waiting for Ctrl-C")
+    p.add_argument("--enable-lifecycle", action="store_true",
+                   help="serve Prometheus' /-/reload and /-/quit (off by default: anyone who can reach "
+                   "the port could reload or stop the server, without authentication)")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser("report", help="PNG and HTML charts of a run",
@@ -216,7 +219,8 @@ def cmd_model_info(args) -> int:
 def cmd_monitor(args) -> int:
     from vlm.monitor import run_monitor
 
-    return run_monitor(args.run_dir, port=args.port, scrape_interval=args.scrape_interval, duration=args.duration)
+    return run_monitor(args.run_dir, port=args.port, scrape_interval=args.scrape_interval, duration=args.duration,
+                       enable_lifecycle=args.enable_lifecycle)
 
 
 def cmd_report(args) -> int:

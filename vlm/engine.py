@@ -91,7 +91,10 @@ def ensure_process_group() -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", "29511")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # not dist.init_process_group's env://: its store would listen on every interface
+        from vlm.rendezvous import init_from_env
+
+        init_from_env("nccl" if torch.cuda.is_available() else "gloo")
     os.environ.setdefault("LOCAL_RANK", "0")
     return dist.get_rank(), dist.get_world_size()
 

@@ -65,13 +65,22 @@ class Prometheus:
     """One Prometheus process on 127.0.0.1 for a run: start(), query(), stop(), or `with`."""
 
     def __init__(self, run_dir: str | Path, *, port: int = 9090, scrape_interval: str = "2s",
-                 rules: Path | None = DEFAULT_RULES, host: str = "127.0.0.1"):
+                 rules: Path | None = DEFAULT_RULES, host: str = "127.0.0.1", enable_lifecycle: bool = False):
+        """enable_lifecycle: serve /-/reload and /-/quit, which reload or stop the server on
+        an unauthenticated POST from anyone who can reach the port: off unless asked."""
         self.run_dir = Path(run_dir)
+        self.enable_lifecycle = enable_lifecycle
         self.host, self.port = host, port or free_port(host)
         self.scrape_interval, self.rules = scrape_interval, rules
         self.url = f"http://{self.host}:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log_path = self.run_dir / MONITOR_DIR / "prometheus.log"
+
+    def command(self, binary: str, config: Path) -> list[str]:
+        """The server's command line."""
+        cmd = [binary, f"--config.file={config}", f"--web.listen-address={self.host}:{self.port}",
+               f"--storage.tsdb.path={config.parent / 'data'}", "--storage.tsdb.retention.time=30d"]
+        return cmd + ["--web.enable-lifecycle"] if self.enable_lifecycle else cmd
 
     def start(self, timeout: float = 60) -> str:
         """Starts the server and waits until it is ready; returns its URL."""
@@ -80,9 +89,7 @@ class Prometheus:
         with socket.socket() as s:
             if s.connect_ex((self.host, self.port)) == 0:
                 raise ValueError(f"port {self.port} on {self.host} is taken: pass --port with a free one (0: any)")
-        cmd = [binary, f"--config.file={config}", f"--web.listen-address={self.host}:{self.port}",
-               f"--storage.tsdb.path={config.parent / 'data'}", "--storage.tsdb.retention.time=30d",
-               "--web.enable-lifecycle"]
+        cmd = self.command(binary, config)
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -145,20 +152,21 @@ def _interrupt(signum, frame) -> None:
 
 
 def run_monitor(run_dir: str | Path, *, port: int = 9090, scrape_interval: str = "2s",
-                duration: float | None = None) -> int:
+                duration: float | None = None, enable_lifecycle: bool = False) -> int:
     """Foreground: serves until Ctrl-C, or for `duration` seconds."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir} is not a run directory")
-    server = Prometheus(run_dir, port=port, scrape_interval=scrape_interval)
-    url = server.start()
-    print(f"Prometheus for {run_dir} at {url} (targets: {run_dir / 'metrics' / TARGETS_DIR}/*.json)")
-    print(f"alerts: {url}/alerts   config: {run_dir / MONITOR_DIR / 'prometheus.yml'}   Ctrl-C stops it",
-          flush=True)
-    deadline = None if duration is None else time.monotonic() + duration
-    # SIGTERM (a job scheduler, `kill`) stops the server as Ctrl-C does
+    server = Prometheus(run_dir, port=port, scrape_interval=scrape_interval, enable_lifecycle=enable_lifecycle)
+    # SIGTERM (a job scheduler, `kill`) stops the server as Ctrl-C does, also one that comes
+    # while it starts: the server is never left running without us
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        url = server.start()
+        print(f"Prometheus for {run_dir} at {url} (targets: {run_dir / 'metrics' / TARGETS_DIR}/*.json)")
+        print(f"alerts: {url}/alerts   config: {run_dir / MONITOR_DIR / 'prometheus.yml'}   Ctrl-C stops it",
+              flush=True)
+        deadline = None if duration is None else time.monotonic() + duration
         while deadline is None or time.monotonic() < deadline:
             if server.proc.poll() is not None:
                 print(f"prometheus exited with {server.proc.returncode}:\n{server.log_tail()}", flush=True)

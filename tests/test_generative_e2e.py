@@ -56,10 +56,10 @@ def test_itm_training_learns_past_the_base_rate():
     objectives = [build_objective(c, embed_dim=16, vision_width=32, model=model, vocab_size=12)
                   for c in (ClipInfoNCEConfig(), ITMConfig())]
     pretrainer = Pretrainer(model, objectives, [1.0, 1.0])
-    opt = torch.optim.AdamW(pretrainer.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(pretrainer.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     history = []
-    for _ in range(400):
+    for _ in range(600):
         pick = torch.randint(12, (8,), generator=g)
         out = pretrainer({"images": torch.stack([pool[k][pick[k]] for k in range(8)]), "tokens": tokens,
                           "eot_index": eot})
@@ -68,6 +68,13 @@ def test_itm_training_learns_past_the_base_rate():
         opt.step()
         history.append(out["itm"].item())
     assert abs(history[0] - np.log(2)) < 0.05
+    # The run is chaotic: other rounding (another instruction set or CPU) gives another run, as
+    # another seed does, so lr and steps are chosen on the spread of the last-40 mean over
+    # seeds 0-9 x ATEN_CPU_CAPABILITY default, avx2, avx512 (30 runs, step 600, lr 1e-3):
+    # 0.102-0.475, seed 0 0.255/0.221/0.188. The former lr 3e-3 at step 400 gave 0.458-0.637
+    # (seeds 0-4), on both sides of the bar. A head that does not read the pair (fusion output
+    # zeroed or detached, or the fusion shown only the image or only the text) stays at
+    # 0.630-0.643 at step 600 (seeds 0-4), so it fails.
     assert np.mean(history[-40:]) < BASE_RATE_LOSS - 0.05, np.mean(history[-40:])
 
 

@@ -149,6 +149,15 @@ def cmd_train(args) -> int:
             raise FileExistsError(f"{cfg.run_dir} already has checkpoints (newest: {latest.read_text().strip()}): "
                                   f"pass --resume latest to continue it, or --set run_dir=NEW_DIR to start over")
         prepare_tokenizer(cfg)
+    else:
+        from vlm.checkpoint import has_checkpoint, locate
+
+        # a missing, corrupt or unsafe checkpoint is refused here, naming the file, before
+        # Ray starts (a remote one is left to the workers, which check every file again)
+        root = cfg.path(cfg.train.checkpoint_dir)
+        if args.resume != "auto" or has_checkpoint(root):
+            locate("latest" if args.resume == "auto" else args.resume, root, cache=None,
+                   warn=lambda m: print(m, file=sys.stderr))
     with ray_session(args.ray_address, num_cpus=max(cfg.train.num_workers, 1)):
         run_training(cfg, resume=args.resume)
     print(f"run directory: {cfg.run_dir}")

@@ -3,7 +3,10 @@ and a single-file fp32 export of the model for evaluation or sharing.
 
 Validity follows vlm/checkpoint.py: a tag without a manifest is *incomplete* (its save
 never finished); one whose files differ from the manifest's sizes or sha256 is *corrupt*,
-and the message names the file."""
+and the message names the file; one with a file that needs a pickled global outside the
+allow-list of tensors and plain data (or a manifest name leaving the directory) is
+*unsafe*, and the message names the file and the global. Nothing here unpickles a file
+any other way (vlm.checkpoint.load)."""
 from __future__ import annotations
 
 import json
@@ -36,7 +39,9 @@ def add_ckpt_commands(sub, config_args) -> None:
     p = ck.add_parser("list", help="every tag with its step, samples, world size, size and validity",
                       description="One line per checkpoint tag, complete or not: step, samples seen, world "
                       "size, bytes on disk and validity (ok = complete and every file matches its manifest; "
-                      "incomplete = no manifest; corrupt = names the file that differs). '*' marks the tag "
+                      "incomplete = no manifest; corrupt = names the file that differs; unsafe = names the "
+                      "file that holds a pickled global other than tensors and plain data, never loaded). "
+                      "'*' marks the tag "
                       "that `latest` names. Exit status 1 when any tag is not ok.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoints/ directory)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -92,7 +97,15 @@ def _latest(root: Path) -> str | None:
 
 
 def check(ckpt: Path, *, checksums: bool = True) -> tuple[str, str | None]:
-    """-> (status, problem): ("ok", None), ("incomplete", why) or ("corrupt", which file)."""
+    """-> (status, problem): ("ok", None), ("incomplete", why), ("corrupt", which file) or
+    ("unsafe", which file needs which global). Every .pt file is proved safe to load (without
+    reading its tensors), whatever the manifest says: whoever wrote the file could rewrite it."""
+    try:
+        checkpoint.check_files(ckpt)
+    except checkpoint.UnsafeCheckpointError as e:
+        return "unsafe", f"{e.path.relative_to(ckpt)} needs {e.needs}, not tensors or plain data: never loaded"
+    except ValueError:
+        pass  # unreadable: the manifest check below names the file that differs
     if not (ckpt / checkpoint.MANIFEST).is_file():
         return "incomplete", f"no {checkpoint.MANIFEST}: the save did not finish"
     try:
@@ -105,9 +118,11 @@ def check(ckpt: Path, *, checksums: bool = True) -> tuple[str, str | None]:
             checkpoint.verify(ckpt)
         else:
             for name, meta in files.items():
-                p = ckpt / name
+                p = checkpoint.inside(ckpt, name, where=ckpt / checkpoint.MANIFEST)
                 if not p.is_file() or p.stat().st_size != meta["bytes"]:
                     raise ValueError(f"checkpoint {ckpt} is corrupt: {name} does not match its manifest")
+    except checkpoint.UnsafeCheckpointError as e:
+        return "unsafe", str(e)
     except ValueError as e:
         return "corrupt", str(e).split(": ", 1)[-1]
     return "ok", None
@@ -139,7 +154,7 @@ def _files(ckpt: Path) -> dict[str, int]:
 def describe_tag(ckpt: Path, *, latest: str | None, checksums: bool = True) -> dict:
     """One row of `vlm ckpt list`."""
     status, problem = check(ckpt, checksums=checksums)
-    state, state_problem = _trainer_state(ckpt)
+    state, state_problem = _trainer_state(ckpt) if status != "unsafe" else (None, None)
     if status == "ok" and state_problem:
         status, problem = "corrupt", state_problem
     return {"tag": ckpt.name, "step": _step(ckpt, state),
@@ -163,10 +178,8 @@ def list_tags(run_dir: str, *, checksums: bool = True) -> tuple[list[dict], str 
 
 def _param_shapes(ckpt: Path, stage: int) -> dict[str, tuple]:
     """Parameter name -> shape, from the model-states file's shape table (no weights loaded)."""
-    import torch
-
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    states = torch.load(ckpt / name, map_location="cpu", weights_only=False, mmap=True)
+    states = checkpoint.load(ckpt / name, mmap=True)
     shapes = {}
     for group in states.get("param_shapes") or []:
         shapes.update({k: tuple(v) for k, v in group.items()})
@@ -206,6 +219,8 @@ def inspect_checkpoint(ckpt: Path, *, checksums: bool = True) -> dict:
     status, problem = check(ckpt, checksums=checksums)
     out = {"path": str(ckpt), "tag": ckpt.name, "status": status, "problem": problem,
            "checksums": checksums, "files": _files(ckpt)}
+    if status == "unsafe":
+        return out
     state, state_problem = _trainer_state(ckpt)
     if state is None:
         out.update(status="corrupt" if status == "ok" else status, problem=problem or state_problem)
@@ -232,13 +247,15 @@ def _inspect_target(path: str, tag: str) -> Path:
             or any(p.glob("*model_states.pt")):
         return p
     root = _root(path)
+    where = root
     if tag == "latest":
-        tag = _latest(root)
+        tag, where = _latest(root), root / "latest"
         if tag is None:
             raise FileNotFoundError(f"{root} has no 'latest' file: pass --tag (vlm ckpt list {path} shows the tags)")
-    if not (root / tag).is_dir():
+    ckpt = checkpoint.inside(root, tag, what="checkpoint tag", where=where, tag=True)
+    if not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint {tag} under {root} (vlm ckpt list {path} shows the tags)")
-    return root / tag
+    return ckpt
 
 
 # -- output ---------------------------------------------------------------------------------

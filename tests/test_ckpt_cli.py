@@ -178,6 +178,8 @@ def test_export_equals_the_engine_weights(runs, tmp_path, capsys, stage):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from vlm import checkpoint
+
     out = tmp_path / "model.safetensors"
     rc, stdout, err = vlm(capsys, "ckpt", "export", runs / f"z{stage}", "--output", out)
     assert rc == 0, err
@@ -190,7 +192,7 @@ def test_export_equals_the_engine_weights(runs, tmp_path, capsys, stage):
         assert exported[k].dtype == torch.float32 and torch.equal(exported[k], v), k
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
-    state = torch.load(tags(runs / f"z{stage}") / "step_00000003" / "trainer_state.pt", weights_only=False)
+    state = checkpoint.load_trainer_state(tags(runs / f"z{stage}") / "step_00000003")
     assert json.loads(meta["vlm_config"]) == state["config"]
     assert meta["vlm_tokenizer"] == (runs / f"z{stage}" / "tokenizer.json").read_text()
     assert meta["vlm_step"] == "3" and json.loads(meta["vlm_objectives"]) == ["clip_infonce"]

@@ -119,8 +119,7 @@ def test_corrupt_checkpoint_is_refused(trained, tmp_path):
 
 def test_resume_continues_the_step_count(trained):
     run_dir, _, _ = trained
-    before = torch.load(run_dir / "checkpoints" / "step_00000120" / "mp_rank_00_model_states.pt",
-                        weights_only=False)["module"]
+    before = checkpoint.load(run_dir / "checkpoints" / "step_00000120" / "mp_rank_00_model_states.pt")["module"]
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}", "--resume", "latest",
                "--set", "train.steps=140", "--set", "train.checkpoint_every=50",
                *set_args(*TINY))
@@ -132,8 +131,7 @@ def test_resume_continues_the_step_count(trained):
     assert state["step"] == 140 and state["samples_seen"] == 140 * 16
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log][-3:] == [120, 130, 140]
-    after = torch.load(run_dir / "checkpoints" / "step_00000140" / "mp_rank_00_model_states.pt",
-                       weights_only=False)["module"]
+    after = checkpoint.load(run_dir / "checkpoints" / "step_00000140" / "mp_rank_00_model_states.pt")["module"]
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained further
 
 

@@ -204,16 +204,7 @@ class Trainer:
         found: tuple[str | None, str | None] = (None, None)
         if self.rank == 0:
             try:
-                cache = self.run_dir / ".ckpt_cache"
-                if checkpoint.is_remote(resume):
-                    root, tag = resume.rstrip("/").rsplit("/", 1)
-                    path = checkpoint.fetch_remote(root, tag, cache, warn=self._say)
-                elif checkpoint.is_remote(self.ckpt_root) and not Path(resume).exists():
-                    path = checkpoint.fetch_remote(self.ckpt_root, resume, cache, warn=self._say)
-                elif Path(resume).exists():
-                    path = checkpoint.resolve(resume, verify_files=True, warn=self._say)
-                else:
-                    path = checkpoint.resolve(self.ckpt_root, resume, verify_files=True, warn=self._say)
+                path = checkpoint.locate(resume, self.ckpt_root, cache=self.run_dir / ".ckpt_cache", warn=self._say)
                 found = (str(path), None)
             except (FileNotFoundError, ValueError) as e:
                 found = (None, str(e))
@@ -235,9 +226,11 @@ class Trainer:
                       f"{self.world_size}: converting it to DeepSpeed's universal format in {out}")
             tmp = out.with_name(out.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)
-            ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
-                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                      inject_missing_state=False))
+            checkpoint.check_files(ckpt)  # on every node that converts: it reads every file
+            with checkpoint.weights_only_loads():  # one extract worker: in this process
+                ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=False))
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         if self.world_size > 1:
@@ -245,7 +238,9 @@ class Trainer:
         return out
 
     def _restore(self, ckpt: Path, state: dict) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        checkpoint.check_files(ckpt)  # every rank, before DeepSpeed opens anything (a cached universal copy too)
+        with checkpoint.weights_only_loads():
+            load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt}")
         ranks = state["ranks"]

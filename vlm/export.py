@@ -46,11 +46,14 @@ def _zero_to_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    # it unpickles every model and optimizer file itself (weights_only=False): each is
+    # proved safe first, and its own loads are forced to weights_only too
+    checkpoint.check_files(ckpt)
     # it reports progress on stdout and stderr, which belong to our commands' output
     # (--json); shown only when it fails
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), checkpoint.weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except Exception:
         sys.stderr.write(chatter.getvalue())

@@ -202,6 +202,9 @@ def cmd_inspect(args) -> int:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1, default=str)
     if args.contact_sheet:
-        n = contact_sheet(args.shards, args.contact_sheet, count=args.images)
+        n, skipped = contact_sheet(args.shards, args.contact_sheet, count=args.images)
         print(f"contact sheet of {n} images: {args.contact_sheet}")
+        if skipped:
+            print(f"left out {len(skipped)} image(s) that are over the pixel budget or do not decode:")
+            print("\n".join(f"  {s}" for s in skipped))
     return 0

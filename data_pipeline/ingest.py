@@ -57,20 +57,29 @@ class Rejected(Exception):
 # ---------------------------------------------------------------- one image
 
 
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Pillow's lazy open of ``data``: the header only, refused (``too_many_pixels``) when it
+    declares more than ``max_pixels`` pixels, before any pixel is decoded. The decompression
+    bomb guard of every decoder of untrusted images (ingest, training, eval, inspect)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning: under -W error
+        raise Rejected("too_many_pixels", str(e)) from None
+    except Exception as e:  # PIL raises many types for hostile input
+        raise Rejected("decode_error", f"{type(e).__name__}: {e}") from None
+    if width * height > max_pixels:
+        raise Rejected("too_many_pixels", f"{width}x{height} > {max_pixels} pixels")
+    return img
+
+
 def decode_image(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, int, int]:
     """Decode ``data`` to an upright RGB image; returns (image, original width, height).
 
     Size filters run on the header, before the pixels are decoded.
     """
-    try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-    except Image.DecompressionBombError as e:
-        raise Rejected("too_many_pixels", str(e)) from None
-    except Exception as e:  # PIL raises many types for hostile input
-        raise Rejected("decode_error", f"{type(e).__name__}: {e}") from None
-    if width * height > cfg.max_pixels:
-        raise Rejected("too_many_pixels", f"{width}x{height} > {cfg.max_pixels} pixels")
+    img = open_image(data, cfg.max_pixels)
+    width, height = img.size
     if min(width, height) < max(cfg.min_image_size, 1):
         raise Rejected("too_small", f"{width}x{height}")
     if cfg.max_image_size and max(width, height) > cfg.max_image_size:

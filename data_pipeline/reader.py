@@ -27,6 +27,10 @@ Resuming at a different world size (`load_rank_states`, given every old slot's s
   dropped, which does not bias sampling with replacement.
 - mix: each source reshards by its own rule; the source draws start a new generation.
 
+A consumer that skips a broken sample (vlm.data.BatchLoader) has still consumed it: the
+position counts every sample emitted, so a resume neither reads a skipped sample again
+nor misses the one after it.
+
 Tar members are grouped by key with the standard library's streaming tarfile rather than
 webdataset's internal iterators, so the reader does not depend on another library's
 private layout."""
@@ -76,7 +80,10 @@ def list_shards(path: str) -> list[str]:
 
 
 def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Streams one shard as samples {"__key__": key, ext: bytes, ...}; json/txt decoded."""
+    """Streams one shard as samples {"__key__": key, ext: bytes, ...}; json/txt decoded.
+    A txt that is not UTF-8 or a json that does not parse is left out and the sample marked
+    "__bad__": (reason, detail), so that one broken sample never ends the shard's stream
+    (the consumer skips it: vlm.data.BatchLoader, or says which sample is broken)."""
     with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         current: dict[str, Any] | None = None
         for member in tar:
@@ -91,9 +98,20 @@ def iter_tar_samples(url: str) -> Iterator[dict[str, Any]]:
             if current is None:
                 current = {"__key__": key, "__shard__": url}
             if ext == "json":
-                current["json"] = json.loads(data)
+                try:
+                    meta = json.loads(data)
+                except ValueError as e:  # bad JSON or bad UTF-8
+                    current.setdefault("__bad__", ("bad_metadata", f"{key}.json does not parse ({e})"))
+                else:
+                    if isinstance(meta, dict):
+                        current["json"] = meta
+                    else:
+                        current.setdefault("__bad__", ("bad_metadata", f"{key}.json is not an object"))
             elif ext == "txt":
-                current["txt"] = data.decode("utf-8")
+                try:
+                    current["txt"] = data.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    current.setdefault("__bad__", ("bad_caption", f"{key}.txt is not UTF-8 ({e})"))
             else:
                 current[ext] = data
         if current is not None:

@@ -22,9 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from data_pipeline.ingest import _atomic_write
+from data_pipeline.config import IngestConfig
+from data_pipeline.ingest import Rejected, _atomic_write, open_image
 from data_pipeline.reader import iter_tar_samples, list_shards
 
+MAX_PIXELS = IngestConfig.model_fields["max_pixels"].default  # ingest's decompression-bomb budget
 SIZE_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 WORD_EDGES = (0, 1, 3, 5, 10, 20, 50, 100)
 
@@ -112,15 +114,27 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: int = 6, thumb: int = 128) -> int:
-    """A PNG grid of the first ``count`` images with their captions; returns images drawn."""
-    cells = []
+def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: int = 6, thumb: int = 128,
+                  max_pixels: int = MAX_PIXELS) -> tuple[int, list[str]]:
+    """A PNG grid of the first ``count`` images with their captions -> (images drawn, the
+    images left out as "KEY in SHARD: why"). An image is decoded only within ingest's pixel
+    budget (``open_image``); one over it, or one that does not decode, is left out, not fatal."""
+    cells, skipped = [], []
     for tar in list_shards(shard_dir):
         for sample in iter_tar_samples(tar):
             data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if data is None:
                 continue
-            img = Image.open(io.BytesIO(data)).convert("RGB")
+            try:
+                img = open_image(data, max_pixels)
+                img.draft("RGB", (thumb, thumb))  # a JPEG decodes at reduced scale
+                img = img.convert("RGB")
+            except Rejected as e:
+                skipped.append(f"{sample['__key__']} in {tar}: {e.reason} ({e})")
+                continue
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+                skipped.append(f"{sample['__key__']} in {tar}: decode_error ({type(e).__name__}: {e})")
+                continue
             img.thumbnail((thumb, thumb))
             cells.append((img, sample.get("txt") or sample["__key__"]))
             if len(cells) == count:
@@ -128,7 +142,8 @@ def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: in
         if len(cells) == count:
             break
     if not cells:
-        raise ValueError(f"{shard_dir}: no images to draw")
+        raise ValueError(f"{shard_dir}: no images to draw" + (f" ({len(skipped)} left out: {skipped[0]} ...)"
+                                                               if skipped else ""))
     text_h = 36
     rows = -(-len(cells) // columns)
     sheet = Image.new("RGB", (columns * (thumb + 8), rows * (thumb + text_h + 8)), "white")
@@ -142,4 +157,4 @@ def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: in
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     _atomic_write(fs, path, lambda f: f.write(buf.getvalue()))
-    return len(cells)
+    return len(cells), skipped

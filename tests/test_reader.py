@@ -300,3 +300,47 @@ def test_reader_errors_are_clear(shards, second_set, tmp_path):
     (empty / "00000_stats.json").write_text("{}")
     with pytest.raises(ValueError, match="hold no samples"):
         keys(ShardReader(list_shards(str(empty))), 1)
+
+
+# -- broken samples ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def with_bad(tmp_path_factory):
+    """3 shards of 6; the middle one also holds a caption that is not UTF-8, metadata that does
+    not parse and metadata that is not an object."""
+    from badshards import add_to_shard
+
+    d = tmp_path_factory.mktemp("with_bad")
+    tars = write_shards(d, n=18, per_shard=6)
+    add_to_shard(tars[1], {"latin1": {"png": b"x", "txt": "caf\xe9".encode("latin-1")},
+                           "badjson": {"png": b"x", "txt": b"ok", "json": b"{nope"},
+                           "listjson": {"png": b"x", "txt": b"ok", "json": b"[1, 2]"}}, every=2)
+    return list_shards(str(d))
+
+
+def test_undecodable_caption_or_metadata_marks_the_sample_not_the_stream(with_bad):
+    from data_pipeline.reader import iter_tar_samples
+
+    samples = {s["__key__"]: s for s in iter_tar_samples(with_bad[1])}
+    assert len(samples) == 9  # the shard is read to its end
+    assert samples["latin1"]["__bad__"][0] == "bad_caption" and "txt" not in samples["latin1"]
+    assert "latin1.txt is not UTF-8" in samples["latin1"]["__bad__"][1]
+    assert samples["badjson"]["__bad__"][0] == "bad_metadata" and "json" not in samples["badjson"]
+    assert samples["listjson"]["__bad__"] == ("bad_metadata", "listjson.json is not an object")
+    assert sum("__bad__" in s for s in samples.values()) == 3
+
+
+@pytest.mark.parametrize("consumed", [0, 4, 9, 14, 21, 40])
+def test_resume_with_bad_samples_continues_exactly(with_bad, consumed):
+    """The position counts every sample emitted, bad ones too: a consumer that skips them
+    resumes after the last one it read, never at one it skipped, never past a good one."""
+    full = keys(ShardReader(with_bad, seed=2, shuffle_block=4), consumed + 30)
+    first = ShardReader(with_bad, seed=2, shuffle_block=4)
+    it = iter(first)
+    for _ in range(consumed):
+        next(it)
+    second = ShardReader(with_bad, seed=2, shuffle_block=4)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert keys(second, 30) == full[consumed:]
+    assert {"latin1", "badjson", "listjson"} <= set(full)

@@ -163,6 +163,11 @@ class DataConfig(Strict):
     colour_augment: ColourAugmentConfig = ColourAugmentConfig()  # caption-consistent greyscale (training)
     train_shards: str = "{run_dir}/shards/train"
     eval_shards: str = "{run_dir}/shards/heldout"
+    # Training skips and counts a bad sample (no image, undecodable, over the pixel budget
+    # data.ingest.max_pixels, no or an undecodable caption); more than this share of bad ones
+    # among a rank's last bad_sample_window samples read ends the run, naming the shards.
+    max_bad_sample_ratio: float = Field(0.5, gt=0, le=1)
+    bad_sample_window: int = Field(1000, ge=1)
 
 
 class RunConfig(Strict):

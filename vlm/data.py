@@ -2,36 +2,90 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import time
+from collections import Counter, deque
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.config import IngestConfig
+from data_pipeline.ingest import Rejected, open_image
 from data_pipeline.reader import ShardReader
 from vlm.augment import AugmentConfig, colour_augment, two_views
 from vlm.config import ColourAugmentConfig
 from vlm.tokenizer import TextEncoder
 
 IMAGE_EXTS = ("jpg", "png", "webp")
+# ingest's pixel budget (data.ingest.max_pixels), the default of every decoder of shard images
+MAX_PIXELS = IngestConfig.model_fields["max_pixels"].default
+WARN_LIMIT = 100  # bad samples a loader names one by one; the rest are only counted
 
 
-def decode_image(sample: dict, image_size: int,
-                 transform: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1]; `transform` (e.g. the colour augmentation's) is applied
-    to the decoded RGB image before resizing."""
+class BadSample(ValueError):
+    """A sample that cannot be used; ``reason`` is one of vlm.metrics.BAD_REASONS."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class BadDataError(ValueError):
+    """Too many bad samples in a row of reads (data.max_bad_sample_ratio): the data is broken."""
+
+
+def _where(sample: dict) -> str:
+    return f"sample {sample.get('__key__')} in {sample.get('__shard__')}"
+
+
+def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """The sample's image decoded to RGB, at most `max_pixels` pixels (read from the header
+    before decoding, data_pipeline.ingest.open_image). Raises BadSample."""
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__shard__')} has no image")
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+        raise BadSample("no_image", f"{_where(sample)} has no image")
+    try:
+        img = open_image(data, max_pixels)
+        img.load()  # the pixels, within the budget just checked
+        return img.convert("RGB")
+    except Rejected as e:
+        detail = (f"{e} (pixel budget data.ingest.max_pixels)" if e.reason == "too_many_pixels"
+                  else f"cannot decode the image ({e})")
+        raise BadSample(e.reason, f"{_where(sample)}: {detail}") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+        raise BadSample("decode_error", f"{_where(sample)}: cannot decode the image "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def to_tensor(img: Image.Image, image_size: int,
+              transform: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
+    """RGB image -> [3, S, S] float in [-1, 1]; `transform` (e.g. the colour augmentation's)
+    is applied before resizing."""
     if transform is not None:
         img = transform(img)
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
     return arr / 127.5 - 1.0
+
+
+def decode_image(sample: dict, image_size: int,
+                 transform: Callable[[Image.Image], Image.Image] | None = None, *,
+                 max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """-> [3, S, S] float in [-1, 1] (load_rgb then to_tensor); raises BadSample."""
+    return to_tensor(load_rgb(sample, max_pixels=max_pixels), image_size, transform)
+
+
+def check_sample(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """What a training sample needs: metadata and a caption that decoded, a caption, an image
+    within the pixel budget. -> its RGB image; raises BadSample."""
+    if "__bad__" in sample:  # set by the shard reader
+        reason, detail = sample["__bad__"]
+        raise BadSample(reason, f"{_where(sample)}: {detail}")
+    if "txt" not in sample:
+        raise BadSample("no_caption", f"{_where(sample)} has no caption (txt)")
+    return load_rgb(sample, max_pixels=max_pixels)
 
 
 NO_LABEL = -1
@@ -103,31 +157,78 @@ class BatchLoader:
     `colour` (data.colour_augment) shows a share of the samples in greyscale, renaming the
     colour words of their caption, label and region phrases (vlm.augment).
     The views' and the colour augmentation's randomness is seeded from (seed, rank, batch
-    number), so a resumed run draws the same augmentations without storing generator state."""
+    number), so a resumed run draws the same augmentations without storing generator state.
+
+    A bad sample (check_sample: no image, an undecodable one, one over `max_pixels`, no or
+    an undecodable caption or metadata) is skipped, counted by reason (`bad_counts`, and
+    `last_bad` for the last batch) and named in a warning; the reader has consumed it, so a
+    resume continues exactly. More than `max_bad_ratio` of the last `bad_window` samples read
+    being bad raises BadDataError naming the shards: the data is broken, not a few samples."""
 
     def __init__(self, reader: ShardReader, text: TextEncoder, *, batch_size: int, image_size: int,
                  label_field: str | None = None, views: AugmentConfig | None = None, seed: int = 0,
-                 needs: frozenset[str] = frozenset(), colour: ColourAugmentConfig | None = None):
+                 needs: frozenset[str] = frozenset(), colour: ColourAugmentConfig | None = None,
+                 max_pixels: int = MAX_PIXELS, max_bad_ratio: float = 0.5, bad_window: int = 1000):
         self.reader, self.text = reader, text
         self.batch_size, self.image_size = batch_size, image_size
         self.label_field, self.views, self.seed = label_field, views, seed
         self.colour = colour if colour is not None and colour.enabled else None
         self.needs = frozenset(needs)
+        self.max_pixels, self.max_bad_ratio, self.bad_window = max_pixels, max_bad_ratio, bad_window
         self._it: Iterator[dict] | None = None
         self.batches = 0
         self.last_wait_s = 0.0
+        self.bad_counts: Counter[str] = Counter()  # since the run began (kept in the state)
+        self.last_bad: Counter[str] = Counter()    # in the last next_batch
+        self._recent: deque[str | None] = deque(maxlen=bad_window)  # shard of each bad read, None if good
+        self._warned = 0
+
+    def _skip(self, sample: dict, bad: BadSample) -> None:
+        self.bad_counts[bad.reason] += 1
+        self.last_bad[bad.reason] += 1
+        self._recent.append(sample.get("__shard__", "?"))
+        if self._warned < WARN_LIMIT:
+            self._warned += 1
+            more = " (further bad samples are counted, not named)" if self._warned == WARN_LIMIT else ""
+            print(f"warning: rank {self.reader.rank}: skipped {bad.reason}: {bad}{more}", flush=True)
+        bad_reads = sum(s is not None for s in self._recent)
+        if len(self._recent) == self.bad_window and (bad_reads > self.max_bad_ratio * self.bad_window
+                                                     or bad_reads == self.bad_window):
+            shards = Counter(s for s in self._recent if s is not None)
+            raise BadDataError(
+                f"rank {self.reader.rank}: {bad_reads} of the last {self.bad_window} samples read were bad "
+                f"(data.max_bad_sample_ratio: {self.max_bad_ratio}; by reason so far: "
+                f"{', '.join(f'{r} {n}' for r, n in self.bad_counts.most_common())}); the data is broken in "
+                + ", ".join(f"{url} ({n} bad)" for url, n in shards.most_common(5))
+                + (f" and {len(shards) - 5} more shard(s)" if len(shards) > 5 else "")
+                + ": fix or remove these shards (`vlm data inspect` them), or raise data.max_bad_sample_ratio")
+
+    def _good_samples(self) -> tuple[list[dict], list[Image.Image]]:
+        """The next batch_size samples that check_sample accepts, with their images."""
+        samples, images = [], []
+        while len(samples) < self.batch_size:
+            sample = next(self._it)
+            try:
+                images.append(check_sample(sample, max_pixels=self.max_pixels))
+            except BadSample as bad:
+                self._skip(sample, bad)
+                continue
+            self._recent.append(None)
+            samples.append(sample)
+        return samples, images
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
         if self._it is None:
             self._it = iter(self.reader)
-        samples = [next(self._it) for _ in range(self.batch_size)]
+        self.last_bad = Counter()
+        samples, pictures = self._good_samples()
         transforms = [None] * len(samples)
         if self.colour is not None:
             g = torch.Generator().manual_seed(hash((self.seed, self.reader.rank, self.batches, 1)) & 0xFFFF_FFFF)
             for i, draw in enumerate(torch.rand(len(samples), generator=g).tolist()):
                 samples[i], transforms[i] = colour_augment(samples[i], self.colour, draw, self.label_field)
-        images = torch.stack([decode_image(s, self.image_size, t) for s, t in zip(samples, transforms)])
+        images = torch.stack([to_tensor(p, self.image_size, t) for p, t in zip(pictures, transforms)])
         tokens, eot = self.text([s.get("txt", "") for s in samples])
         batch = {"images": images, "tokens": tokens, "eot_index": eot}
         if self.label_field:
@@ -144,16 +245,33 @@ class BatchLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return {**self.reader.state_dict(), "batches": self.batches}
+        recent = list(self._recent)
+        return {**self.reader.state_dict(), "batches": self.batches, "bad_samples": dict(self.bad_counts),
+                "bad_window": {"read": len(recent), "bad": [[i, s] for i, s in enumerate(recent) if s is not None]}}
+
+    def _load_bad(self, state: dict) -> None:
+        self.bad_counts = Counter(state.get("bad_samples", {}))
+        window = state.get("bad_window", {"read": 0, "bad": []})
+        recent: list[str | None] = [None] * window["read"]
+        for i, shard in window["bad"]:
+            recent[i] = shard
+        self._recent = deque(recent, maxlen=self.bad_window)
 
     def load_state_dict(self, state: dict) -> None:
         self.reader.load_state_dict(state)
         self.batches = state.get("batches", 0)
+        self._load_bad(state)
         self._it = None
 
     def load_rank_states(self, states: list[dict]) -> None:
         """Every rank's state of a run saved at another world size (the reader re-splits
-        what is left of the epoch)."""
+        what is left of the epoch; the bad-sample counts carry over, summed, the window
+        starts empty)."""
         self.reader.load_rank_states(states)
         self.batches = max(s.get("batches", 0) for s in states)
+        total: Counter[str] = Counter()
+        for s in states:
+            total.update(s.get("bad_samples", {}))
+        self.bad_counts = total if self.reader.rank == 0 else Counter()
+        self._recent = deque(maxlen=self.bad_window)
         self._it = None

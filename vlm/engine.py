@@ -11,6 +11,7 @@ import random
 import shutil
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +24,9 @@ import torch.distributed as dist
 from data_pipeline.reader import build_reader
 from vlm import checkpoint, gradcache
 from vlm.config import RunConfig, dump_config
-from vlm.data import BatchLoader
+from vlm.data import BadDataError, BatchLoader
 from vlm.evaluate import append_eval_log, evaluate_distributed, flat_metrics
-from vlm.metrics import TrainMetrics
+from vlm.metrics import BAD_REASONS, TrainMetrics
 from vlm.models import build_clip
 from vlm.objectives import build_objective
 from vlm.pretrain import Pretrainer
@@ -177,7 +178,9 @@ class Trainer:
         self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
                                   image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
                                   views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
-                                  needs=model.needs, colour=cfg.data.colour_augment)
+                                  needs=model.needs, colour=cfg.data.colour_augment,
+                                  max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
+                                  bad_window=cfg.data.bad_sample_window)
         self.step, self.samples_seen = 0, 0
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
@@ -279,12 +282,13 @@ class Trainer:
         Losses are the step's: averaged over micro-batches (with the gradient cache, the
         coupled ones are computed once on the global batch)."""
         t0 = time.perf_counter()
-        wait, skipped_before = 0.0, self.engine.skipped_steps
+        wait, skipped_before, bad = 0.0, self.engine.skipped_steps, Counter()
         if self.cfg.train.grad_cache:
             batches = []
             for _ in range(self.accum):
                 batches.append(self._device(self.loader.next_batch()))
                 wait += self.loader.last_wait_s
+                bad.update(self.loader.last_bad)
             r = gradcache.cached_step(self.engine, batches)
             self.engine.step()
             losses, diagnostics = {"total": r["total"], **r["losses"]}, r["diagnostics"]
@@ -293,6 +297,7 @@ class Trainer:
             for _ in range(self.accum):
                 batch = self.loader.next_batch()
                 wait += self.loader.last_wait_s
+                bad.update(self.loader.last_bad)
                 out = self.engine(self._device(batch))
                 self.engine.backward(out["loss"])
                 self.engine.step()
@@ -308,22 +313,34 @@ class Trainer:
         return {"losses": losses, "diagnostics": diagnostics,
                 "step_s": time.perf_counter() - t0, "wait_s": wait, "lr": self.engine.get_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "skipped": self.engine.skipped_steps > skipped_before}
+                "skipped": self.engine.skipped_steps > skipped_before, "bad_samples": dict(bad)}
 
     def record(self, r: dict, log) -> None:
         if self.metrics:
             self.metrics.record_step(step=self.step, samples=self.global_batch / self.world_size, **r)
         last = self.step == self.cfg.train.steps
-        if log is None or not (self.step % self.cfg.train.log_every == 0 or last):
+        if not (self.step % self.cfg.train.log_every == 0 or last):
+            return
+        bad = self._bad_sample_totals()  # collective: every rank logs on the same steps
+        if log is None:
             return
         rate = self.global_batch / r["step_s"]
         rec = {"step": self.step, "samples": self.samples_seen, "lr": r["lr"], "step_s": r["step_s"],
                "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
-               **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}}
+               **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad}
         log.write(json.dumps(rec) + "\n")
         log.flush()
         print(f"step {self.step}/{self.cfg.train.steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "
               f"{rate:.0f} samples/s", flush=True)
+
+    def _bad_sample_totals(self) -> dict[str, int]:
+        """Bad samples skipped so far by every rank, for the step log: "bad_samples" and
+        "bad_samples/REASON" (vlm.metrics.BAD_REASONS)."""
+        counts = torch.tensor([float(self.loader.bad_counts.get(r, 0)) for r in BAD_REASONS])
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        totals = {f"bad_samples/{r}": int(n) for r, n in zip(BAD_REASONS, counts.tolist())}
+        return {"bad_samples": sum(totals.values()), **totals}
 
     def save(self) -> None:
         """Collective. Training stalls for the duration, exported as
@@ -430,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"python -m vlm.engine: {e}")
         return 2
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except BadDataError as e:  # mostly broken shards: say which, no traceback
+        print(f"python -m vlm.engine: error: {e}", flush=True)
+        return 1
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0 if summary else 1

@@ -18,7 +18,6 @@ a rank's share is ``i % world_size == rank``."""
 from __future__ import annotations
 
 import csv
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,8 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_pipeline.ingest import Rejected, open_image
 from data_pipeline.reader import iter_tar_samples, list_shards
-from vlm.data import IMAGE_EXTS
+from vlm.data import IMAGE_EXTS, MAX_PIXELS
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = ".mask.png"
@@ -85,6 +85,8 @@ def _iter_shards(path: str, label_template: str, payload: bool) -> Iterator[Eval
             image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             if image is None:
                 raise ValueError(f"{origin} has no image")
+            if "__bad__" in sample:  # a caption or metadata that did not decode (iter_tar_samples)
+                raise ValueError(f"{origin}: {sample['__bad__'][1]}")
             caption = sample.get("txt")
             yield EvalItem(key=sample["__key__"], captions=[caption] if caption else [], label=label,
                            image=image if payload else None, mask=sample.get("mask.png") if payload else None,
@@ -145,21 +147,32 @@ def _read(source: bytes | Path) -> bytes:
     return source if isinstance(source, bytes) else Path(source).read_bytes()
 
 
-def load_image(item: EvalItem, image_size: int) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1], as the training data (vlm.data.decode_image)."""
+def _open(item: EvalItem, source: bytes | Path, what: str, max_pixels: int) -> Image.Image:
+    """The decoded image, within ingest's pixel budget (read from the header before any
+    pixel is decoded); an image that breaks it or does not decode fails the evaluation with
+    a ValueError naming the item, as every bad input of an evaluation does."""
     try:
-        img = Image.open(io.BytesIO(_read(item.image))).convert("RGB")
+        img = open_image(_read(source), max_pixels)
+        img.load()
+        return img
+    except Rejected as e:
+        if e.reason == "too_many_pixels":
+            raise ValueError(f"{item.origin}: the {what} has too many pixels ({e}; the budget is "
+                             f"data.ingest.max_pixels)") from None
+        raise ValueError(f"{item.origin}: cannot decode the {what} ({e})") from None
     except Exception as e:  # noqa: BLE001 - PIL raises several types for a bad file
-        raise ValueError(f"{item.origin}: cannot decode the image ({e})") from None
+        raise ValueError(f"{item.origin}: cannot decode the {what} ({e})") from None
+
+
+def load_image(item: EvalItem, image_size: int, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """-> [3, S, S] float in [-1, 1], as the training data (vlm.data.decode_image)."""
+    img = _open(item, item.image, "image", max_pixels).convert("RGB")
     if img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.BICUBIC)
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
-def load_mask(item: EvalItem) -> torch.Tensor:
+def load_mask(item: EvalItem, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """-> bool [H, W] at the mask's own resolution, True on the object."""
-    try:
-        img = Image.open(io.BytesIO(_read(item.mask))).convert("L")
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{item.origin}: cannot decode the mask ({e})") from None
+    img = _open(item, item.mask, "mask", max_pixels).convert("L")
     return torch.from_numpy(np.asarray(img) > 0)

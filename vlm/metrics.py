@@ -1,8 +1,8 @@
 """Prometheus exporter of one training worker.
 
 Names follow DESIGN.md: `vlm_` prefix, base units, counters end in `_total`, labels
-bounded to run/rank/objective (and task/metric for evaluation figures, whose values come
-from code, never from data). Each worker announces itself as a Prometheus file_sd target
+bounded to run/rank/objective (and task/metric for evaluation figures, reason for bad
+samples, whose values come from code, never from data). Each worker announces itself as a Prometheus file_sd target
 in `{run_dir}/metrics/targets/`, so one config finds every worker of a run.
 
 The engine calls one method per event: `record_step` after every optimizer step,
@@ -26,6 +26,9 @@ MAX_EVAL_SERIES = 64  # a cap on vlm_eval_metric's label pairs, whatever results
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets; the first name that
 # occurs in torch.cuda.get_device_name() wins. Pass peak_flops for anything else.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+# Why the training loader skipped a sample (vlm.data.check_sample): the bounded reason
+# label of vlm_train_bad_samples_total
+BAD_REASONS = ("no_image", "decode_error", "too_many_pixels", "no_caption", "bad_caption", "bad_metadata")
 
 
 def resident_memory_bytes() -> float:
@@ -81,6 +84,8 @@ class TrainMetrics(Exporter):
         self._steps = Counter("vlm_train_steps_total", "Optimizer steps taken", labels, registry=r)
         self._skipped = Counter("vlm_train_skipped_steps_total", "Steps whose update was skipped "
                                 "(non-finite gradients)", labels, registry=r)
+        self._bad = Counter("vlm_train_bad_samples_total", "Training samples skipped as bad, by reason "
+                            f"({', '.join(BAD_REASONS)})", labels + ["reason"], registry=r)
         self._step = Gauge("vlm_train_step", "Current optimizer step of the run (continues across "
                            "resumes)", labels, registry=r)
         self._loss = Gauge("vlm_train_loss", "Latest loss by objective (total = weighted sum)",
@@ -122,6 +127,8 @@ class TrainMetrics(Exporter):
             metric.labels(*lv)
         for name in [*objectives, "total"]:  # present from the first scrape, before step 1
             self._loss.labels(*lv, name)
+        for reason in BAD_REASONS:
+            self._bad.labels(*lv, reason)
         self._mfu = self._add_gpu_metrics(flops_per_sample, peak_flops)
 
         self._serve(self.registry, host, port + rank if port else 0)
@@ -148,14 +155,18 @@ class TrainMetrics(Exporter):
 
     def record_step(self, *, step: int, samples: float, step_s: float, wait_s: float, lr: float,
                     losses: Mapping[str, float], grad_norm: float | None = None, skipped: bool = False,
-                    diagnostics: Mapping[str, float] | None = None) -> None:
+                    diagnostics: Mapping[str, float] | None = None,
+                    bad_samples: Mapping[str, int] | None = None) -> None:
         """One finished optimizer step of this rank. samples: this rank's samples in the
         step; losses: {objective or "total": value}; diagnostics: the objectives'
-        "name/what" values, of which "name/temperature" is exported."""
+        "name/what" values, of which "name/temperature" is exported; bad_samples: {reason:
+        samples skipped in the step} (reasons outside BAD_REASONS count as "other")."""
         lv = self._lv
         self._steps.labels(*lv).inc()
         if skipped:
             self._skipped.labels(*lv).inc()
+        for reason, n in (bad_samples or {}).items():
+            self._bad.labels(*lv, reason if reason in BAD_REASONS else "other").inc(n)
         self._samples.labels(*lv).inc(samples)
         self._step.labels(*lv).set(step)
         self._lr.labels(*lv).set(lr)

@@ -151,6 +151,8 @@ class ScoreConfig(BaseModel):
     batch_size: int = Field(64, gt=0)
     actors: int = Field(0, ge=0)  # 0 = one per GPU, else one per 2 CPUs (at least one)
     hash_size: int = Field(8, ge=4, le=16)  # pHash of hash_size² bits
+    # decompression-bomb guard, as ingest's: an image declaring more pixels is never decoded
+    max_pixels: int = Field(IngestConfig.model_fields["max_pixels"].default, gt=0)
 
 
 class FilterConfig(BaseModel):

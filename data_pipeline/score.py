@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_pipeline.config import ScoreConfig
-from data_pipeline.ingest import _atomic_write
+from data_pipeline.ingest import Rejected, _atomic_write, open_image
 from data_pipeline.reader import iter_tar_samples, list_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -55,12 +55,19 @@ def hamming(a: str, b: str) -> int:
     return (int(a, 16) ^ int(b, 16)).bit_count()
 
 
-def _image(sample: dict) -> Image.Image:
+def _image(sample: dict, max_pixels: int) -> Image.Image:
+    """The sample's image, decoded within ingest's pixel budget (the header is read first)."""
+    where = f"sample {sample.get('__key__')} in {sample.get('__shard__')}"
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__shard__')} has no image")
-    img = Image.open(io.BytesIO(data))
-    img.load()
+        raise ValueError(f"{where} has no image")
+    try:
+        img = open_image(data, max_pixels)
+        img.load()
+    except Rejected as e:
+        raise ValueError(f"{where}: {e.reason}: {e}") from None
+    except Exception as e:  # PIL raises many types for hostile input
+        raise ValueError(f"{where}: decode_error: {type(e).__name__}: {e}") from None
     return img
 
 
@@ -80,11 +87,11 @@ def score_shard(tar_url: str, out_url: str, cfg: ScoreConfig, scorer: Scorer | N
     start = time.monotonic()
     records: dict[str, list[Any]] = {name: [] for name in SCORE_SCHEMA.names}
     for batch in _batches(iter_tar_samples(tar_url), cfg.batch_size):
+        images = [_image(sample, cfg.max_pixels) for sample in batch]  # bounded, before the scorer decodes
         clip = scorer(batch) if scorer is not None else [None] * len(batch)
         if len(clip) != len(batch):
             raise ValueError(f"scorer returned {len(clip)} scores for {len(batch)} samples")
-        for sample, value in zip(batch, clip):
-            img = _image(sample)
+        for sample, img, value in zip(batch, images, clip):
             records["key"].append(sample["__key__"])
             records["shard"].append(posixpath.basename(tar_url))
             records["caption"].append(sample.get("txt"))

@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
+
 from data_pipeline.local_ray import use_loopback_only
 
 use_loopback_only()
@@ -50,3 +52,18 @@ def _guarded_connect_ex(self, address):
 
 socket.socket.connect = _guarded_connect
 socket.socket.connect_ex = _guarded_connect_ex
+
+
+@pytest.fixture(autouse=True)
+def _ray_auth_mode_stays_per_test():
+    """A CLI command called in-process with a cluster address sets RAY_AUTH_MODE=token when
+    the machine has a Ray token (~/.ray/auth_token, which `ray start` leaves behind). Left
+    set, it reaches the Ray processes a later test starts in-process, while that test's
+    already-imported Ray client still reads 'disabled': their GCS then refuses the client
+    (InvalidAuthToken). Each test gets the variable back as it found it."""
+    before = os.environ.get("RAY_AUTH_MODE")
+    yield
+    if before is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = before

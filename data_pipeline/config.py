@@ -14,6 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
+# The pixel budget of every decoder of untrusted images by default (ingest, training,
+# eval, inspect, score): an image whose header declares more is never decoded.
+MAX_PIXELS = 50_000_000
+
+
 class CorpusConfig(BaseModel):
     """The procedural colour/shape corpus used for tests and smoke runs."""
 
@@ -117,7 +122,7 @@ class IngestConfig(BaseModel):
     min_language_score: float = Field(0.0, ge=0.0, le=1.0)
     # Drop an image whose bytes (sha256) another row of the run already delivered.
     dedup: bool = True
-    max_pixels: int = Field(50_000_000, gt=0)  # decompression-bomb guard
+    max_pixels: int = Field(MAX_PIXELS, gt=0)  # decompression-bomb guard
     task_retries: int = Field(3, ge=0)
     fetch: FetchConfig = Field(default_factory=FetchConfig)
 
@@ -152,7 +157,7 @@ class ScoreConfig(BaseModel):
     actors: int = Field(0, ge=0)  # 0 = one per GPU, else one per 2 CPUs (at least one)
     hash_size: int = Field(8, ge=4, le=16)  # pHash of hash_size² bits
     # decompression-bomb guard, as ingest's: an image declaring more pixels is never decoded
-    max_pixels: int = Field(IngestConfig.model_fields["max_pixels"].default, gt=0)
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
 
 
 class FilterConfig(BaseModel):

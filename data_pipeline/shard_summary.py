@@ -22,11 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from data_pipeline.config import IngestConfig
+from data_pipeline.config import MAX_PIXELS
 from data_pipeline.ingest import Rejected, _atomic_write, open_image
 from data_pipeline.reader import iter_tar_samples, list_shards
 
-MAX_PIXELS = IngestConfig.model_fields["max_pixels"].default  # ingest's decompression-bomb budget
 SIZE_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 WORD_EDGES = (0, 1, 3, 5, 10, 20, 50, 100)
 

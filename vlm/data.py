@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.config import IngestConfig
+from data_pipeline.config import MAX_PIXELS
 from data_pipeline.ingest import Rejected, open_image
 from data_pipeline.reader import ShardReader
 from vlm.augment import AugmentConfig, colour_augment, two_views
@@ -18,8 +18,6 @@ from vlm.config import ColourAugmentConfig
 from vlm.tokenizer import TextEncoder
 
 IMAGE_EXTS = ("jpg", "png", "webp")
-# ingest's pixel budget (data.ingest.max_pixels), the default of every decoder of shard images
-MAX_PIXELS = IngestConfig.model_fields["max_pixels"].default
 WARN_LIMIT = 100  # bad samples a loader names one by one; the rest are only counted
 
 

@@ -250,6 +250,13 @@ def cmd_demo(args) -> int:
     return run_demo(cfg, overwrite=args.overwrite, config_path=args.config)
 
 
+def _with_path(e: Exception) -> str:
+    """The message, with the file an OSError names when the message itself does not."""
+    names = [n for n in (getattr(e, "filename", None), getattr(e, "filename2", None)) if n is not None]
+    missing = [str(n) for n in names if str(n) not in str(e)]
+    return f"{e} ({', '.join(missing)})" if missing else str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Both decide Ray settings that Ray reads when it is imported: before any import of ray.
@@ -264,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vlm: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, FileExistsError, ValueError, ConnectionError) as e:
-        print(f"vlm: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # OSError: FileNotFoundError, PermissionError, ConnectionError...
+        print(f"vlm: error: {_with_path(e)}", file=sys.stderr)
         return 1
 
 

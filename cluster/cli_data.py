@@ -4,8 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 
-from vlm.config import load_config
+from vlm.config import ConfigError, load_config
 
 _STATUS_HELP = ("one row per input row in {id}.parquet: status success|failed and a reason "
                 "(see docs/data.md for the table of reasons)")
@@ -26,10 +27,16 @@ def _add_ingest(data, config_args) -> None:
                         description="Streams the table in shards of data.ingest.shard_size rows, one Ray "
                         "task per shard with a bounded thread pool; writes {id}.tar, {id}.parquet and "
                         "{id}_stats.json (last: the commit) per shard; a rerun skips committed shards. "
-                        "Settings: data.ingest.* and data.ingest.fetch.* of the config (--set to override). "
-                        + _STATUS_HELP + ".")
+                        "Settings: data.ingest.* and data.ingest.fetch.* of the config (--set to override); "
+                        "no model section is needed. Images are stored at data.ingest.image_size px (default "
+                        "256, whatever the model's input: training and evaluation resize and centre-crop them). "
+                        "Before Ray starts, the table's columns are checked (from its head) and a probe file "
+                        "is written to --output: a missing column or an unwritable directory exits with status 2; "
+                        "an empty table only warns. A shard task is retried (data.ingest.task_retries) only "
+                        "for transient errors (network, timeouts), never for a permission error, a full disk "
+                        "or bad input. Status: " + _STATUS_HELP + ".")
     p.add_argument("--input", required=True, metavar="TABLE",
-                   help="parquet, csv or jsonl (optionally .gz/.zst...); local path or s3://")
+                   help="parquet, csv, tsv or jsonl (optionally .gz/.zst...); local path or s3://")
     p.add_argument("--output", required=True, metavar="DIR", help="shard directory; local path or s3://")
     p.add_argument("--retry-failed", action="store_true",
                    help="also revisit committed shards and fetch again only their failed rows whose reason "
@@ -99,12 +106,29 @@ def _add_inspect(data) -> None:
 
 
 def cmd_ingest(args) -> int:
-    from cluster.ray_local import ray_session
-    from data_pipeline.ingest import ingest
+    from data_pipeline.config import InputError
+    from data_pipeline.ingest import ShardFailed, preflight
 
     cfg = load_config(args.config, args.overrides)
     if args.retry_reasons and not args.retry_failed:
         raise SystemExit("vlm data ingest: --retry-reasons needs --retry-failed")
+    try:  # before any Ray start-up: a missing column or an unwritable --output fails in a second
+        if not preflight(args.input, args.output, cfg.data.ingest):
+            return 0
+        summary = _run_ingest(args, cfg)
+    except InputError as e:
+        raise ConfigError(f"data ingest: {e}") from None
+    except ShardFailed as e:
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 0
+
+
+def _run_ingest(args, cfg):
+    from cluster.ray_local import ray_session
+    from data_pipeline.ingest import ingest
+
     with contextlib.ExitStack() as stack:
         metrics = None
         if args.metrics_port >= 0:
@@ -116,10 +140,8 @@ def cmd_ingest(args) -> int:
         if args.ray_address or os.environ.get("RAY_ADDRESS"):
             stack.enter_context(ray_session(args.ray_address))
         # else ingest starts a lean private Ray itself: no dashboard, no torch import
-        summary = ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress,
-                         metrics=metrics, retry_failed=args.retry_failed, retry_reasons=args.retry_reasons)
-    print(summary.format())
-    return 0
+        return ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress, metrics=metrics,
+                      retry_failed=args.retry_failed, retry_reasons=args.retry_reasons, checked=True)
 
 
 class CheckpointClipScorer:

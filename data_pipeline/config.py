@@ -19,6 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_PIXELS = 50_000_000
 
 
+class InputError(ValueError):
+    """What the user gave cannot be used (an input table without a needed column, an output
+    directory that cannot be written), found before any work starts: the CLI reports it as
+    a usage error (exit status 2), naming the file, column or key."""
+
+
 class CorpusConfig(BaseModel):
     """The procedural colour/shape corpus used for tests and smoke runs."""
 
@@ -103,7 +109,9 @@ class IngestConfig(BaseModel):
     # Rows decoded/resized/encoded at once per shard task (each task reserves one CPU).
     # The download threads take turns here, so 16 of them do not fight over one core.
     decode_threads: int = Field(1, gt=0)
-    image_size: int = Field(32, gt=0)
+    # side of the stored images (img2dataset's default); independent of any model:
+    # training and evaluation resize and centre-crop shards of any size to the model's input
+    image_size: int = Field(256, gt=0)
     resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "center_crop"
     # shrinking filter: box = area averaging (OpenCV's INTER_AREA); enlarging is bicubic
     downscale: Literal["box", "bicubic", "lanczos"] = "box"

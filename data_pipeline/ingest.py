@@ -16,6 +16,7 @@ import io
 import json
 import os
 import resource
+import sys
 import threading
 import time
 import uuid
@@ -31,10 +32,10 @@ import pyarrow.parquet as pq
 import pyspng
 from PIL import Image, ImageOps
 
-from data_pipeline.config import IngestConfig
+from data_pipeline.config import IngestConfig, InputError
 from data_pipeline.dedup import DedupRegistry, ProgressReporter, claim
 from data_pipeline.fetch import DomainRateLimiter, fetch
-from data_pipeline.table import count_rows, iter_shards
+from data_pipeline.table import check_columns, count_rows, iter_shards, table_schema
 from data_pipeline.tarwrite import write_samples
 
 _PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -654,9 +655,7 @@ class _Run:
         except Exception as e:
             for other in self.in_flight:
                 self.ray.cancel(other)
-            raise RuntimeError(
-                f"ingest: shard {sid:05d} failed after {self.cfg.task_retries} retries: {e}"
-            ) from e
+            raise self.failure(sid, e) from e
         self.registry.finish.remote(sid)
         self.summary.add(stats)
         self.rows_done += n_rows
@@ -664,13 +663,44 @@ class _Run:
         if self.metrics:
             self.metrics.record_shard(stats)
 
+    def failure(self, sid: int, error: Exception) -> "ShardFailed":
+        """The error naming the shard, where it goes and whether it was retried: a task's
+        own exception (Ray's RayTaskError carries it as ``cause``) is retried only when
+        transient; a lost worker always is."""
+        cause = getattr(error, "cause", None) or error
+        retried = cause is error or isinstance(cause, transient_exceptions())
+        how = f"after {self.cfg.task_retries} retries" if retried else "(not retried: it would fail again)"
+        where = shard_paths(self.output_dir, sid)["tar"]
+        return ShardFailed(f"ingest: shard {sid:05d} ({where}) failed {how}: {type(cause).__name__}: {cause}")
+
+
+class ShardFailed(RuntimeError):
+    """A shard could not be written; the message names the shard, its path and the cause."""
+
+
+def transient_exceptions() -> tuple[type[BaseException], ...]:
+    """The exceptions of a shard task worth another attempt (network and storage hiccups).
+    Anything else (PermissionError, a full disk, a bad schema, a ValueError of bad input)
+    would fail again the same way, after fetching every row of the shard again."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as boto
+
+        types += [boto.ConnectionError, boto.HTTPClientError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    return tuple(types)
+
 
 def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int | None,
                 progress: bool) -> None:
     from tqdm import tqdm
 
     cfg, ray, summary = run.cfg, run.ray, run.summary
-    task = ray.remote(num_cpus=1, max_retries=cfg.task_retries, retry_exceptions=True)(ingest_shard)
+    task = ray.remote(num_cpus=1, max_retries=cfg.task_retries,
+                      retry_exceptions=list(transient_exceptions()))(ingest_shard)
     # A bounded window keeps the rows of at most a few shards in memory at once.
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     start = time.monotonic()
@@ -715,16 +745,49 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
         refresh(0)
 
 
+def check_writable(output_dir: str) -> None:
+    """Creates ``output_dir`` and writes and removes a small probe file there (one PUT and
+    one DELETE on an object store); raises ``InputError`` naming the directory if it cannot.
+    A probe left by a crash has a temporary's name, which the next run removes."""
+    fs, root = fsspec.core.url_to_fs(output_dir)
+    probe = f"{root.rstrip('/')}/.write-probe.tmp-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(probe, "wb") as f:
+            f.write(b"probe")
+        fs.rm(probe)
+    except OSError as e:
+        raise InputError(f"--output {output_dir}: cannot write there ({type(e).__name__}: {e})") from None
+
+
+def preflight(input_path: str, output_dir: str, cfg: IngestConfig) -> bool:
+    """The checks that need no Ray, run before it starts (which takes seconds): the table's
+    columns (read from its head only) and a probe write to ``output_dir``. Raises
+    ``InputError``; an empty table is only warned about (on stderr). -> whether it has rows."""
+    names, has_rows = table_schema(input_path)
+    if names:
+        check_columns(input_path, names, url_col=cfg.url_col, caption_col=cfg.caption_col)
+    if not has_rows:
+        print(f"warning: {input_path} has no rows: nothing to ingest", file=sys.stderr, flush=True)
+        return False
+    check_writable(output_dir)
+    return True
+
+
 def ingest(
     input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True, metrics=None,
-    retry_failed: bool = False, retry_reasons: frozenset[str] | None = None,
+    retry_failed: bool = False, retry_reasons: frozenset[str] | None = None, checked: bool = False,
 ) -> IngestSummary:
-    """Ingest the whole table; raises ``RuntimeError`` naming the shard if one keeps failing.
+    """Ingest the whole table; raises ``ShardFailed`` naming the shard if one fails for good.
 
-    The table is streamed (the driver's memory does not grow with it). Committed shards are
-    skipped, or with ``retry_failed`` redone for their failed rows (see ``ingest_shard``).
-    ``metrics``: an optional ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
+    ``preflight`` runs first, before Ray starts (``checked``: the caller ran it); an empty
+    table returns an empty summary. The table is streamed (the driver's memory does not grow
+    with it). Committed shards are skipped, or with ``retry_failed`` redone for their failed
+    rows (see ``ingest_shard``). ``metrics``: an optional
+    ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
     start = time.monotonic()
+    if not checked and not preflight(input_path, output_dir, cfg):
+        return IngestSummary()
     fs, root = fsspec.core.url_to_fs(output_dir)
     fs.makedirs(root, exist_ok=True)
     remove_stale_temporaries(fs, root)
@@ -747,7 +810,8 @@ def ingest(
             ray.kill(registry)
     missing = sorted(set(range(summary.shards_total)) - committed_shards(fs, root))
     if missing:  # never silently lose a shard
-        raise RuntimeError(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed")
+        raise ShardFailed(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed "
+                          f"in {output_dir}")
     summary.elapsed_s = time.monotonic() - start
     summary.driver_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return summary

@@ -66,9 +66,9 @@ def test_overrides_are_typed_and_nested():
         load_config("configs/demo.yaml", ["train.steps.x=1"])
 
 
-def test_cross_field_check_names_both_keys():
-    with pytest.raises(ConfigError, match="data.ingest.image_size .* model.vision.image_size"):
-        load_config(None, ["model.vision.image_size=64"])
+def test_ingest_image_size_is_independent_of_the_model():
+    assert load_config(None, ["model.vision.image_size=64"]).data.ingest.image_size == 256
+    assert load_config(None, ["data.ingest.image_size=224"]).model.vision.image_size == 32
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -46,7 +46,7 @@ def url_table(corpus, server, tmp_path_factory):
 def _cfg(**fetch) -> IngestConfig:
     defaults = {"deadline_s": 1.5, "retries": 0, "backoff_s": 0.05, "allow_private_hosts": LOOPBACK}
     fetch_cfg = FetchConfig(**{**defaults, **fetch})
-    return IngestConfig(shard_size=16, threads=8, fetch=fetch_cfg)
+    return IngestConfig(shard_size=16, threads=8, image_size=32, fetch=fetch_cfg)
 
 
 # ---------------------------------------------------------------- fetch

@@ -40,7 +40,8 @@ def shards(tmp_path_factory):
         img = Image.open(corpus.root / records[i]["path"]).convert("RGB").resize((60, 60))
         img.save(corpus.root / "nd" / f"{i}.jpg", quality=60)
     out = tmp_path_factory.mktemp("shards")
-    cfg = IngestConfig(shard_size=16, threads=8, fetch=FetchConfig(retries=0, allow_private_hosts=["127.0.0.1"]))
+    cfg = IngestConfig(shard_size=16, threads=8, image_size=32,
+                       fetch=FetchConfig(retries=0, allow_private_hosts=["127.0.0.1"]))
     with ImageServer(corpus.root) as srv:
         rows = [{"url": f"{srv.url}/{r['path']}", "caption": r["caption"]} for r in records]
         rows += [{"url": f"{srv.url}/nd/{i}.jpg", "caption": records[i]["caption"]} for i in range(3)]

@@ -188,10 +188,6 @@ class RunConfig(Strict):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "RunConfig":
-        if self.data.ingest.image_size != self.model.vision.image_size:
-            raise ValueError(
-                f"data.ingest.image_size ({self.data.ingest.image_size}) must equal "
-                f"model.vision.image_size ({self.model.vision.image_size})")
         if any(o.name == "unicl" for o in self.objectives) and not self.data.label_field:
             raise ValueError("objective unicl needs labels: set data.label_field to the metadata field holding them")
         names = {o.name for o in self.objectives}

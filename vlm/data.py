@@ -56,14 +56,29 @@ def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"({type(e).__name__}: {e})") from None
 
 
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """`img` at `size` x `size`: the centre square of the image (its shorter side) resized
+    with bicubic filtering, so shards of any size or shape feed a model without squashing
+    a non-square picture. A square image is simply resized; one already at `size` is kept."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    return img.resize((size, size), Image.BICUBIC, box=None if w == h else centre_square(w, h))
+
+
+def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
+    """The (left, top, right, bottom) box of the centre square of a width x height image."""
+    side = min(width, height)
+    return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
+
+
 def to_tensor(img: Image.Image, image_size: int,
               transform: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
-    """RGB image -> [3, S, S] float in [-1, 1]; `transform` (e.g. the colour augmentation's)
-    is applied before resizing."""
+    """RGB image -> [3, S, S] float in [-1, 1] (fit_square); `transform` (e.g. the colour
+    augmentation's) is applied before resizing."""
     if transform is not None:
         img = transform(img)
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
+    img = fit_square(img, image_size)
     arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
     return arr / 127.5 - 1.0
 

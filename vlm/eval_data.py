@@ -28,7 +28,7 @@ from PIL import Image
 
 from data_pipeline.ingest import Rejected, open_image
 from data_pipeline.reader import iter_tar_samples, list_shards
-from vlm.data import IMAGE_EXTS, MAX_PIXELS
+from vlm.data import IMAGE_EXTS, MAX_PIXELS, centre_square, fit_square
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = ".mask.png"
@@ -165,14 +165,16 @@ def _open(item: EvalItem, source: bytes | Path, what: str, max_pixels: int) -> I
 
 
 def load_image(item: EvalItem, image_size: int, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1], as the training data (vlm.data.decode_image)."""
-    img = _open(item, item.image, "image", max_pixels).convert("RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BICUBIC)
+    """-> [3, S, S] float in [-1, 1], as the training data (vlm.data.decode_image: centre
+    square, resized)."""
+    img = fit_square(_open(item, item.image, "image", max_pixels).convert("RGB"), image_size)
     return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 def load_mask(item: EvalItem, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """-> bool [H, W] at the mask's own resolution, True on the object."""
+    """-> bool [H, W] at the mask's own resolution, True on the object; the centre square of
+    a non-square mask, the part of the picture that load_image keeps."""
     img = _open(item, item.mask, "mask", max_pixels).convert("L")
+    if img.width != img.height:
+        img = img.crop(tuple(round(v) for v in centre_square(*img.size)))
     return torch.from_numpy(np.asarray(img) > 0)

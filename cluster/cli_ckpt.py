@@ -330,13 +330,7 @@ def cmd_export(args) -> int:
         raise ValueError(f"--output must be a .safetensors file, not {args.output}")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
-    given = Path(args.path)
-    if not given.is_dir():
-        raise FileNotFoundError(f"checkpoint or run directory not found: {args.path}")
-    if not (given / checkpoint.MANIFEST).is_file() and any(given.glob("*model_states.pt")):
-        raise ValueError(f"checkpoint {given} is incomplete: no {checkpoint.MANIFEST} (its save did not finish)")
-    ckpt = checkpoint.resolve(args.path, args.tag, verify_files=True,
-                              warn=lambda m: print(m, file=sys.stderr))
+    ckpt = checkpoint.resolve_verified(args.path, args.tag)
     summary = export_safetensors(ckpt, out)
     print(f"exported {ckpt} (step {summary['step']}, ZeRO-{summary['zero_stage']}) to {out}: "
           f"{summary['tensors']} tensors, {summary['parameters']:,} fp32 parameters "

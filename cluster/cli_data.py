@@ -148,16 +148,26 @@ class CheckpointClipScorer:
     """CLIP score (cosine of the normalised image and caption embeddings) from a checkpoint
     of this system; loads lazily in the process that scores (a Ray actor), on its GPU if any."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, *, verified: bool = False):
+        self.path, self.verified = path, verified
         self._loaded = None
+
+    @classmethod
+    def resolved(cls, path: str) -> "CheckpointClipScorer":
+        """Checks the checkpoint once, here in the driver (a run's corrupt newest one is
+        skipped with a warning, a bad path or an explicitly named corrupt checkpoint fails
+        naming it, not inside an actor); the actors then load that very checkpoint dir
+        without hashing it again."""
+        from vlm.checkpoint import resolve_verified
+
+        return cls(str(resolve_verified(path).absolute()), verified=True)
 
     def _load(self):
         import torch
 
         from vlm.evaluate import load_eval_model
 
-        model, text, cfg = load_eval_model(self.path)
+        model, text, cfg = load_eval_model(self.path, verify_files=not self.verified)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._loaded = (model.to(device), text, cfg.model.vision.image_size, device)
 
@@ -176,7 +186,7 @@ class CheckpointClipScorer:
         return sim.float().cpu().tolist()
 
     def __getstate__(self):
-        return {"path": self.path, "_loaded": None}  # ship the path, not a model
+        return {"path": self.path, "verified": self.verified, "_loaded": None}  # ship the path, not a model
 
 
 def cmd_score(args) -> int:
@@ -188,10 +198,8 @@ def cmd_score(args) -> int:
                       hash_size=args.hash_size)
     scorer = None
     if cfg.checkpoint:
-        from vlm.checkpoint import resolve
-
-        resolve(cfg.checkpoint)  # a bad path fails here, naming it, not inside an actor
-        scorer = CheckpointClipScorer(cfg.checkpoint)
+        scorer = CheckpointClipScorer.resolved(cfg.checkpoint)
+        print(f"checkpoint {scorer.path}", flush=True)
     with ray_session(args.ray_address):
         summary = score(args.shards, cfg, scorer=scorer, output_dir=args.output, progress=not args.no_progress)
     print(summary.format())

@@ -261,7 +261,38 @@ def resolve(path: str, tag: str = "latest", *, verify_files: bool = False, warn=
             raise
         except ValueError as e:
             warn(f"warning: {e}; trying the previous checkpoint")
-    raise FileNotFoundError(f"no complete checkpoint to resume under {root}")
+    raise FileNotFoundError(f"no complete checkpoint under {root}")
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def resolve_verified(path: str, tag: str = "latest", *, warn=_to_stderr) -> Path:
+    """The one rule for every command that reads a checkpoint (vlm eval, caption,
+    eval-generative, ckpt export, data score; `vlm train --resume` reaches the same through
+    locate): `resolve` with every file checked against the manifest, so a torn file is
+    reported by name instead of failing deep inside torch. A run dir ('latest') falls back
+    past a corrupt or incomplete newest checkpoint to the previous whole one, and `warn`
+    (stderr) is told which file was bad and which checkpoint is used instead. A checkpoint
+    named explicitly (its directory, or `tag`) is that one or an error naming the bad file:
+    never silently replaced by another. Hashes every file once: callers pass the result on
+    rather than resolving again."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint or run directory not found: {path}")
+    if not (p / MANIFEST).is_file() and ((p / TRAINER_STATE).is_file() or any(p.glob("*model_states.pt"))):
+        raise ValueError(f"checkpoint {p} is incomplete: no {MANIFEST} (its save did not finish)")
+    warned: list[str] = []
+
+    def note(message: str) -> None:
+        warned.append(message)
+        warn(message)
+
+    ckpt = resolve(path, tag, verify_files=True, warn=note)
+    if warned:
+        warn(f"warning: using the previous complete checkpoint {ckpt}")
+    return ckpt
 
 
 def _remote_tags(fs, base: str) -> list[tuple[int, str]]:

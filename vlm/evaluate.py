@@ -87,10 +87,12 @@ def retrieval_metrics(image_embed: torch.Tensor, text_embed: torch.Tensor, text_
     return out
 
 
-def load_eval_model(path: str) -> tuple[CLIP, TextEncoder, RunConfig]:
+def load_eval_model(path: str, *, verify_files: bool = True) -> tuple[CLIP, TextEncoder, RunConfig]:
     """A run dir, a checkpoint dir (any ZeRO stage: the weights are consolidated) or an
     export from `vlm ckpt export` (*.safetensors) -> (model in eval mode, text encoder,
-    its config)."""
+    its config). A checkpoint is checked against its manifest first, a run's corrupt newest
+    one skipped with a warning (checkpoint.resolve_verified); verify_files=False for a
+    checkpoint dir its caller has verified already (hashing it again costs a full read)."""
     import json
 
     from vlm.export import consolidated_state, load_export
@@ -100,7 +102,7 @@ def load_eval_model(path: str) -> tuple[CLIP, TextEncoder, RunConfig]:
         tree, tokenizer = json.loads(meta["vlm_config"]), meta["vlm_tokenizer"]
         weights = {k: v for k, v in tensors.items() if not k.startswith("objectives.")}
     else:
-        ckpt = checkpoint.resolve(path)
+        ckpt = checkpoint.resolve_verified(path) if verify_files else checkpoint.resolve(path)
         state = checkpoint.load_trainer_state(ckpt)
         tree, tokenizer = state["config"], state["tokenizer"]
         weights = model_state_from_pretrainer(consolidated_state(ckpt, state))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,10 +44,14 @@ class Sample:
 
 def load_pretrainer(path: str) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     """A run dir or a checkpoint dir (any ZeRO stage) -> (model + objectives in eval mode,
-    text encoder, config)."""
+    text encoder, config). Checked against its manifest first, a run's corrupt newest
+    checkpoint skipped with a warning (checkpoint.resolve_verified)."""
+    return _load_verified(checkpoint.resolve_verified(path))
+
+
+def _load_verified(ckpt: Path) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     from vlm.export import consolidated_state
 
-    ckpt = checkpoint.resolve(path)
     state = checkpoint.load_trainer_state(ckpt)
     cfg = config_from_dict(state["config"])
     text = TextEncoder.from_json(state["tokenizer"], cfg.model.text.context_length)
@@ -224,7 +229,8 @@ def evaluate_generative(path: str, *, data: str | None = None, tasks: list[str] 
     """Loads the checkpoint at `path` and runs `tasks` (default: every task its objectives
     support) on `data`: a shard directory (default: the run's eval shards), or SEEN for
     new images of the run's synthetic corpus's training combinations (`limit`, default 600)."""
-    pretrainer, text, cfg = load_pretrainer(path)
+    ckpt = checkpoint.resolve_verified(path)  # once: the result names it without hashing again
+    pretrainer, text, cfg = _load_verified(ckpt)
     names = {o.name for o in pretrainer.objectives}
     if not tasks:
         tasks = [t for t, need in zip(TASKS, ("itg", "itm", "region_word")) if need in names]
@@ -240,7 +246,7 @@ def evaluate_generative(path: str, *, data: str | None = None, tasks: list[str] 
         samples = read_samples(data, image_size=cfg.model.vision.image_size,
                                label_template=cfg.eval.label_template, limit=limit)
     torch.manual_seed(0)
-    results: dict = {"checkpoint": str(checkpoint.resolve(path)), "data": data}
+    results: dict = {"checkpoint": str(ckpt), "data": data}
     if "caption" in tasks:
         results["caption"] = caption_task(pretrainer, text, samples, beam=beam)
     if "itm-rerank" in tasks:

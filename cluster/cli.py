@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "image is its mask) or a CSV with columns path and caption and/or label, and "
                        "optionally mask (paths relative to the CSV; rows sharing a path are one image "
                        "with several captions). Settings come from the checkpoint's eval section, "
-                       "overridable with --set eval.KEY=VALUE.")
+                       "overridable with --set eval.KEY=VALUE. Zero-shot class names, first of: "
+                       "--classnames, eval.class_names (a {label: name} mapping), classnames.txt "
+                       "beside the data (in the folder root or shard directory, or next to the CSV), "
+                       "else the label with underscores as spaces. Templates, first of: --templates, "
+                       "eval.prompt_templates, zeroshot_classification_templates.txt beside the data, "
+                       "else built-in ones.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a run directory, a checkpoint directory or an export from `vlm ckpt export` (*.safetensors)")
     p.add_argument("--data", metavar="PATH",
                    help="shard directory, image folder or .csv (default: the run's data.eval_shards)")
@@ -69,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-train", metavar="PATH",
                    help="train the linear probe on this dataset (at most eval.probe_max_train items) and "
                    "test it on all of --data; default: alternate halves of each class of --data")
+    p.add_argument("--classnames", metavar="FILE",
+                   help="zero-shot class names, one a line (CLIP_benchmark's classnames.txt): line i "
+                   "names the i-th label value in sorted order (the i-th sub-folder of an image "
+                   "folder); when every label is an integer, line i+1 names label i")
+    p.add_argument("--templates", metavar="FILE",
+                   help="zero-shot prompt templates, one a line, {c} marking the class name "
+                   "(CLIP_benchmark's zeroshot_classification_templates.txt)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
                    help="override an eval setting of the checkpoint's config (repeatable)")
     p.add_argument("--output", metavar="JSON", help="also write the results here")
@@ -170,6 +182,9 @@ def cmd_eval(args) -> int:
     from vlm.config import apply_overrides, config_from_dict, format_validation_error
     from vlm.evaluate import evaluate_model, format_results, load_eval_model
 
+    for flag, file in (("--classnames", args.classnames), ("--templates", args.templates)):
+        if file is not None and not os.path.isfile(file):
+            raise ConfigError(f"vlm eval {flag}: {file} is not a file")
     model, text, cfg = load_eval_model(args.checkpoint)
     if args.overrides:
         bad = [o for o in args.overrides if not o.startswith("eval.")]
@@ -181,7 +196,8 @@ def cmd_eval(args) -> int:
             raise ConfigError(format_validation_error(e)) from None
     data = args.data or cfg.path(cfg.data.eval_shards)
     results = evaluate_model(model, text, cfg.eval, data, image_size=cfg.model.vision.image_size,
-                             tasks=args.task, probe_train=args.probe_train)
+                             tasks=args.task, probe_train=args.probe_train, classnames=args.classnames,
+                             templates=args.templates)
     results = {"checkpoint": args.checkpoint, **results}
     print(format_results(results))
     if args.output:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.config import CorpusConfig, IngestConfig
 from data_pipeline.reader import ReaderConfig
@@ -133,10 +133,13 @@ class MetricsConfig(Strict):
 
 class EvalConfig(Strict):
     """Evaluation (vlm/evaluate.py): `vlm eval`, and every `every_steps` during training."""
-    label_template: str = "{colour} {shape}"  # class name from shard metadata
-    prompt_templates: list[str] = Field(default_factory=lambda: [
-        "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {} on a plain background.",
-    ], min_length=1)
+    label_template: str = "{colour} {shape}"  # class label from shard metadata
+    # zero-shot class names and prompts (README, "Class names and templates"): label value ->
+    # class name, and templates with a {c} slot ({} still accepted). Empty: `vlm eval
+    # --classnames/--templates`, else classnames.txt / zeroshot_classification_templates.txt
+    # beside the data, else the label with underscores as spaces / the built-in templates.
+    class_names: dict[str, str] = Field(default_factory=dict)
+    prompt_templates: list[str] = Field(default_factory=list)
     recall_at: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
     batch_size: int = Field(256, ge=1)
     # empty = every task the data supports (labels, captions, masks)
@@ -152,6 +155,20 @@ class EvalConfig(Strict):
     background_prompts: list[str] = Field(default_factory=lambda: [
         "a photo of a plain background.", "a plain background.", "an empty background.",
     ], min_length=1)
+
+    @field_validator("class_names", mode="before")
+    @classmethod
+    def _label_keys_as_text(cls, value):
+        # YAML reads `{3: three}` with an int key; a label value is always text
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _templates_have_slot(cls, value: list[str]) -> list[str]:
+        for i, template in enumerate(value):
+            if "{c}" not in template and "{}" not in template:
+                raise ValueError(f"template {i} {template!r} has no {{c}} slot for the class name")
+        return value
 
 
 class DataConfig(Strict):

@@ -14,7 +14,13 @@ pixels belong to the object of the item's class, zero pixels to the background.
 
 Items come in a fixed order (shards in name order, then tar order; folders and files
 sorted; CSV by first appearance of each path), so item ``i`` is the same on every rank and
-a rank's share is ``i % world_size == rank``."""
+a rank's share is ``i % world_size == rank``.
+
+A dataset may ship its zero-shot class names and prompt templates in CLIP_benchmark's
+layout: ``classnames.txt`` and ``zeroshot_classification_templates.txt`` in the folder root
+or shard directory (or the directory above a shard directory, CLIP_benchmark's
+``root/test/*.tar``), or beside the CSV (``beside_data``); vlm/evaluate.py decides what
+they mean."""
 from __future__ import annotations
 
 import csv
@@ -32,6 +38,9 @@ from vlm.data import IMAGE_EXTS, MAX_PIXELS, centre_square, fit_square
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = ".mask.png"
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+MAX_LIST_BYTES = 16 << 20  # a class-name or template file larger than this is refused unread
 
 
 @dataclass
@@ -59,6 +68,42 @@ def detect_format(path: str) -> str:
         raise FileNotFoundError(f"evaluation data not found: {path}")
     raise ValueError(f"{path}: not a shard directory (*.tar), an image folder (one sub-folder per "
                      f"class) or a .csv file")
+
+
+def beside_data(path: str, name: str) -> Path | None:
+    """The file ``name`` shipped with the dataset at ``path``: next to a CSV, in an image
+    folder's root or a shard directory, or in the directory above a shard directory
+    (CLIP_benchmark keeps its lists in ``root/`` and the shards in ``root/test/``)."""
+    if "://" in path:
+        return None
+    p = Path(path)
+    places = [p.parent] if p.is_file() else [p]
+    if p.is_dir() and detect_format(path) == "shards":
+        places.append(p.parent)
+    return next((d / name for d in places if (d / name).is_file()), None)
+
+
+def read_lines(file: str | Path) -> list[tuple[int, str]]:
+    """(line number, stripped text) of every line of a class-name or template file. Blank
+    lines at the end are dropped; a blank line before the last entry is an error naming
+    it, as it would shift every later line onto the wrong class."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file")
+    if file.stat().st_size > MAX_LIST_BYTES:
+        raise ValueError(f"{file}: larger than {MAX_LIST_BYTES} bytes; not a class-name or template list")
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: not UTF-8 text ({e})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = next((n for n, line in enumerate(lines, start=1) if not line.strip()), None)
+    if blank is not None:
+        raise ValueError(f"{file} line {blank}: blank line (one entry per line, no gaps)")
+    if not lines:
+        raise ValueError(f"{file}: empty")
+    return [(n, line.strip()) for n, line in enumerate(lines, start=1)]
 
 
 def iter_items(path: str, *, label_template: str, payload: bool = True) -> Iterator[EvalItem]:

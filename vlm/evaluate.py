@@ -7,8 +7,11 @@ acc1, acc5, mean_per_class_recall, image_retrieval_recall@k (text -> image) and
 text_retrieval_recall@k (image -> text); plus linear_probe_acc1 and dense_miou.
 
 Protocols:
-- zero-shot: a class embedding is the mean of its normalised prompt embeddings
-  (eval.prompt_templates), renormalised; classes are the dataset's labels.
+- zero-shot: a class embedding is the mean of its normalised prompt embeddings, renormalised;
+  classes are the dataset's labels, each named and prompted as `resolve_class_names` and
+  `resolve_templates` decide (README, "Class names and templates"). Beside uniform chance
+  the share of the most frequent class is reported (`majority_rate`): the accuracy of a
+  classifier that always answers it.
 - linear probe: features are eval.probe_features ("embed": the normalised image embedding
   the zero-shot classifier also uses, so the two compare one linear head against another;
   "pooled": the class token before the projection, as in the CLIP paper). Without
@@ -27,15 +30,17 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vlm import checkpoint
-from vlm.config import EvalConfig, RunConfig, config_from_dict
+from vlm.config import ConfigError, EvalConfig, RunConfig, config_from_dict
 from vlm.dense import confusion, miou, patch_features, predict_mask
-from vlm.eval_data import EvalItem, iter_items, load_image, load_mask
+from vlm.eval_data import (CLASSNAMES_FILE, TEMPLATES_FILE, EvalItem, beside_data, iter_items, load_image,
+                           load_mask, read_lines)
 from vlm.linear_probe import evenly_spaced, linear_probe, stratified_halves
 from vlm.models import CLIP, build_clip
 from vlm.pretrain import model_state_from_pretrainer
@@ -43,6 +48,8 @@ from vlm.tokenizer import TextEncoder
 
 TASKS = ("zeroshot", "retrieval", "linear-probe", "dense")
 EVAL_LOG = "eval_log.jsonl"
+TEMPLATE_SLOT = "{c}"  # CLIP_benchmark's class slot; "{}" is still read in eval.prompt_templates
+DEFAULT_TEMPLATES = ("a photo of a {c}.", "a picture of a {c}.", "an image of a {c}.", "a {c} on a plain background.")
 
 
 def zeroshot_metrics(image_embed: torch.Tensor, labels: torch.Tensor, class_embed: torch.Tensor) -> dict:
@@ -56,7 +63,8 @@ def zeroshot_metrics(image_embed: torch.Tensor, labels: torch.Tensor, class_embe
     per_class = torch.stack([hit1[labels == c].float().mean() for c in present])
     return {"acc1": hit1.float().mean().item(), "acc5": hit5.float().mean().item(),
             "mean_per_class_recall": per_class.mean().item(), "num_classes": int(class_embed.shape[0]),
-            "chance": 1.0 / class_embed.shape[0]}
+            "chance": 1.0 / class_embed.shape[0],
+            "majority_rate": torch.bincount(labels).max().item() / labels.numel()}
 
 
 def retrieval_metrics(image_embed: torch.Tensor, text_embed: torch.Tensor, text_to_image: torch.Tensor,
@@ -113,12 +121,108 @@ def load_eval_model(path: str, *, verify_files: bool = True) -> tuple[CLIP, Text
     return model.eval(), text, cfg
 
 
+@dataclass
+class ZeroshotClasses:
+    """The zero-shot classes: class i is label value ``labels[i]`` of the data, named
+    ``names[i]`` in its prompts; ``source`` says where the names came from."""
+    labels: list[str]
+    names: list[str]
+    source: str
+
+
+def label_to_name(label: str) -> str:
+    """The name a label stands for when nothing names it: folder names such as
+    ``signs_and_symbols`` use underscores for spaces."""
+    return label.replace("_", " ")
+
+
+def _is_index(label: str) -> bool:
+    return label.isascii() and label.isdigit() and str(int(label)) == label
+
+
+def class_order(labels) -> list[str]:
+    """The distinct label values in class order: by value when every one is a class index
+    (an integer without leading zeros), else sorted as text, as ImageFolder sorts folders."""
+    distinct = set(labels)
+    if distinct and all(_is_index(label) for label in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def _names_from_file(present: list[str], file: Path, source: str) -> ZeroshotClasses:
+    names = [name for _, name in read_lines(file)]
+    if all(_is_index(label) for label in present):
+        # class indices (CLIP_benchmark): line i + 1 names class i, and every line is a class
+        if int(present[-1]) >= len(names):
+            raise ValueError(f"{file}: {len(names)} class names, but the data has label {present[-1]} (labels "
+                             f"that are all integers are class indices: line i + 1 names label i)")
+        return ZeroshotClasses([str(i) for i in range(len(names))], names, source)
+    if len(names) != len(present):
+        shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+        raise ValueError(f"{file}: {len(names)} class names for the {len(present)} classes of the data (line i "
+                         f"names the i-th label value in sorted order: {shown})")
+    return ZeroshotClasses(present, names, source)
+
+
+def resolve_class_names(labels, ev: EvalConfig, data: str, classnames_file: str | None = None) -> ZeroshotClasses:
+    """Names the classes of ``labels``. First of: the file ``classnames_file`` (`--classnames`),
+    the mapping eval.class_names, classnames.txt beside the data, the label itself with
+    underscores as spaces. A file has one name a line, in class order (`class_order`)."""
+    present = class_order(labels)
+    if classnames_file is not None:
+        return _names_from_file(present, Path(classnames_file), f"--classnames {classnames_file}")
+    if ev.class_names:
+        missing = [label for label in present if label not in ev.class_names]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(f"eval.class_names names no class for {len(missing)} of the {len(present)} labels "
+                              f"of {data}: {shown}")
+        return ZeroshotClasses(present, [ev.class_names[label] for label in present], "eval.class_names")
+    beside = beside_data(str(data), CLASSNAMES_FILE)
+    if beside is not None:
+        return _names_from_file(present, beside, str(beside))
+    return ZeroshotClasses(present, [label_to_name(label) for label in present], "the labels, '_' as spaces")
+
+
+def _templates_from_file(file: Path) -> list[str]:
+    out = []
+    for n, template in read_lines(file):
+        if TEMPLATE_SLOT not in template:
+            raise ValueError(f"{file} line {n}: template {template!r} has no {TEMPLATE_SLOT} slot for the class name")
+        out.append(template)
+    return out
+
+
+def resolve_templates(ev: EvalConfig, data: str, templates_file: str | None = None) -> tuple[list[str], str]:
+    """-> (templates, where they came from). First of: ``templates_file`` (`--templates`),
+    eval.prompt_templates, zeroshot_classification_templates.txt beside the data, the
+    built-in DEFAULT_TEMPLATES. A file has one template a line, each with the slot {c}."""
+    if templates_file is not None:
+        return _templates_from_file(Path(templates_file)), f"--templates {templates_file}"
+    if ev.prompt_templates:
+        return list(ev.prompt_templates), "eval.prompt_templates"
+    beside = beside_data(str(data), TEMPLATES_FILE)
+    if beside is not None:
+        return _templates_from_file(beside), str(beside)
+    return list(DEFAULT_TEMPLATES), "built-in"
+
+
+def fill_template(template: str, name: str) -> str:
+    """Puts ``name`` into the {c} slot (or the {} slot of an older config); other braces stay."""
+    return template.replace(TEMPLATE_SLOT if TEMPLATE_SLOT in template else "{}", name)
+
+
+def build_prompts(names: list[str], templates: list[str]) -> list[list[str]]:
+    """The prompts of each class, the sentences its text embedding averages."""
+    return [[fill_template(t, name) for t in templates] for name in names]
+
+
 @torch.no_grad()
 def class_embeddings(model: CLIP, text: TextEncoder, classnames: list[str], templates: list[str]) -> torch.Tensor:
     """Each class: mean of its normalised prompt embeddings, renormalised -> [C, E]."""
     out = []
-    for name in classnames:
-        emb = model.encode_text(*text([t.format(name) for t in templates]))
+    for prompts in build_prompts(classnames, templates):
+        emb = model.encode_text(*text(prompts))
         out.append(F.normalize(emb.mean(0), dim=-1))
     return torch.stack(out)
 
@@ -257,12 +361,15 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def evaluate_model(model: CLIP, text: TextEncoder, ev: EvalConfig, data: str, *, image_size: int,
-                   tasks=None, probe_train: str | None = None, rank: int = 0, world_size: int = 1) -> dict:
+                   tasks=None, probe_train: str | None = None, rank: int = 0, world_size: int = 1,
+                   classnames: str | None = None, templates: str | None = None) -> dict:
     """Evaluates ``model`` on ``data`` (a shard dir, an image folder or a CSV).
 
     With world_size > 1 (torch.distributed initialised) each rank embeds every
     world_size-th item and the features are all-gathered, so every rank returns the same
-    results as one process would. ``tasks``: empty/None = every task the data supports."""
+    results as one process would. ``tasks``: empty/None = every task the data supports.
+    ``classnames``/``templates``: files that name the classes and prompt them, ahead of
+    the config and the data's own (`resolve_class_names`, `resolve_templates`)."""
     index = list(iter_items(data, label_template=ev.label_template, payload=False))
     tasks = resolve_tasks(tasks or ev.tasks, index, data)
     labels = [item.label for item in index]
@@ -270,8 +377,10 @@ def evaluate_model(model: CLIP, text: TextEncoder, ev: EvalConfig, data: str, *,
     with _eval_mode(model), torch.no_grad():
         classes, class_embed, dense_embed = [], None, None
         if {"zeroshot", "linear-probe", "dense"} & set(tasks):
-            classes = sorted(set(labels))
-            class_embed = class_embeddings(model, text, classes, ev.prompt_templates)
+            named = resolve_class_names(labels, ev, data, classnames)
+            prompt_templates, templates_source = resolve_templates(ev, data, templates)
+            classes = named.labels
+            class_embed = class_embeddings(model, text, named.names, prompt_templates)
         if "dense" in tasks:
             dense_embed = torch.cat([_prompt_embedding(model, text, ev.background_prompts)[None], class_embed])
         share = embed_share(model, text, data, list(range(len(index))), ev=ev, image_size=image_size, rank=rank,
@@ -292,14 +401,16 @@ def evaluate_model(model: CLIP, text: TextEncoder, ev: EvalConfig, data: str, *,
     if "zeroshot" in tasks:
         index_of = {c: i for i, c in enumerate(classes)}
         zs = zeroshot_metrics(feats["image"], torch.tensor([index_of[c] for c in labels]), class_embed)
-        results["zeroshot"] = {**zs, "classnames": classes}
+        results["zeroshot"] = {**zs, "classnames": named.names, "class_labels": classes,
+                               "classnames_source": named.source, "templates": prompt_templates,
+                               "templates_source": templates_source}
     if "retrieval" in tasks:
         results["retrieval"] = {**retrieval_metrics(feats["image"], feats["text"], feats["text_item"], ev.recall_at),
                                 "num_captions": int(feats["text"].shape[0])}
     if "linear-probe" in tasks:
         results["linear_probe"] = _probe(ev, feats, labels, class_embed, classes, probe_feats, probe_labels)
     if "dense" in tasks:
-        results["dense"] = {**miou(feats["confusion"]), "classnames": ["background", *classes],
+        results["dense"] = {**miou(feats["confusion"]), "classnames": ["background", *named.names],
                             "features": ev.dense_features, "background_in_mean": True}
     return results
 
@@ -339,8 +450,13 @@ def format_results(results: dict) -> str:
     lines = []
     zs = results.get("zeroshot")
     if zs:
-        lines.append(f"zero-shot top-1: {zs['acc1']:.4f} (chance {zs['chance']:.4f}, {zs['num_classes']} classes)")
+        majority = f", majority class {zs['majority_rate']:.4f}" if "majority_rate" in zs else ""
+        lines.append(f"zero-shot top-1: {zs['acc1']:.4f} (uniform chance {zs['chance']:.4f}{majority}, "
+                     f"{zs['num_classes']} classes)")
         lines.append(f"zero-shot top-5: {zs['acc5']:.4f}   mean per-class recall: {zs['mean_per_class_recall']:.4f}")
+        if "classnames_source" in zs:
+            lines.append(f"zero-shot class names from {zs['classnames_source']}; {len(zs['templates'])} "
+                         f"templates from {zs['templates_source']}")
     rt = results.get("retrieval")
     if rt:
         ks = sorted({int(k.split("@")[1]) for k in rt if "@" in k})

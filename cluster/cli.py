@@ -185,7 +185,12 @@ def cmd_eval(args) -> int:
     for flag, file in (("--classnames", args.classnames), ("--templates", args.templates)):
         if file is not None and not os.path.isfile(file):
             raise ConfigError(f"vlm eval {flag}: {file} is not a file")
-    model, text, cfg = load_eval_model(args.checkpoint)
+    used = args.checkpoint
+    if not used.endswith(".safetensors"):  # verified once here, so the results name the checkpoint used
+        from vlm.checkpoint import resolve_verified
+
+        used = str(resolve_verified(args.checkpoint))
+    model, text, cfg = load_eval_model(used, verify_files=False)
     if args.overrides:
         bad = [o for o in args.overrides if not o.startswith("eval.")]
         if bad:
@@ -198,7 +203,7 @@ def cmd_eval(args) -> int:
     results = evaluate_model(model, text, cfg.eval, data, image_size=cfg.model.vision.image_size,
                              tasks=args.task, probe_train=args.probe_train, classnames=args.classnames,
                              templates=args.templates)
-    results = {"checkpoint": args.checkpoint, **results}
+    results = {"checkpoint": used, **results}
     print(format_results(results))
     if args.output:
         with open(args.output, "w") as f:

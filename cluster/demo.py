@@ -57,9 +57,10 @@ def run_demo(cfg: RunConfig, *, overwrite: bool = False, config_path: str | None
         run_training(cfg)
 
     _banner("4/5 evaluating on the held-out (colour, shape) combinations")
-    model, text, trained_cfg = load_eval_model(str(run_dir))
+    used = checkpoint.resolve_verified(str(run_dir))  # hashed once; the results name the one used
+    model, text, trained_cfg = load_eval_model(str(used), verify_files=False)
     size = trained_cfg.model.vision.image_size
-    results = {"checkpoint": str(checkpoint.resolve(str(run_dir))),
+    results = {"checkpoint": str(used),
                **evaluate_model(model, text, trained_cfg.eval, cfg.path(cfg.data.eval_shards), image_size=size)}
     # ingestion keeps no masks, so dense prediction reads the corpus's own held-out table
     dense = evaluate_model(model, text, trained_cfg.eval, str(write_mask_table(corpus, "heldout")),

@@ -11,6 +11,7 @@ truncated, its manifest kept."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -82,8 +83,11 @@ def test_eval_falls_back_and_refuses_the_named_torn_checkpoint(runs, capsys, tmp
     whole, _, _ = load_eval_model(str(runs / "run" / "checkpoints" / OLD))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), whole.state_dict().values()))
 
-    rc, out, err = vlm(capsys, "eval", "--checkpoint", torn, "--data", runs / "heldout", "--task", "zeroshot")
+    report = tmp_path / "eval.json"
+    rc, out, err = vlm(capsys, "eval", "--checkpoint", torn, "--data", runs / "heldout", "--task", "zeroshot",
+                       "--output", report)
     assert rc == 0 and fell_back(err, torn) and "zero" in out.lower()
+    assert json.loads(report.read_text())["checkpoint"] == str(torn / "checkpoints" / OLD)  # the one used
     rc, _, err = vlm(capsys, "eval", "--checkpoint", torn / "checkpoints" / NEW, "--data", runs / "heldout")
     assert refused(rc, err)
 

@@ -144,36 +144,23 @@ def prepare_tokenizer(cfg) -> None:
         print(f"trained a BPE tokenizer on the training captions: {path}")
 
 
-def checkpoint_remote(cfg) -> bool:
-    from vlm.checkpoint import is_remote
-
-    return is_remote(cfg.path(cfg.train.checkpoint_dir))
-
-
 def cmd_train(args) -> int:
-    from cluster.launch import run_training
-    from cluster.ray_local import ray_session
+    from cluster.preflight import check_train
 
     cfg = load_config(args.config, args.overrides)
-    if not args.resume:
-        latest = Path(cfg.path(cfg.train.checkpoint_dir)) / "latest"
-        if not checkpoint_remote(cfg) and latest.is_file():
-            raise FileExistsError(f"{cfg.run_dir} already has checkpoints (newest: {latest.read_text().strip()}): "
-                                  f"pass --resume latest to continue it, or --set run_dir=NEW_DIR to start over")
-        prepare_tokenizer(cfg)
-    else:
-        from vlm.checkpoint import has_checkpoint, locate
+    # batch, checkpoint, resumed config and run directory: refused here, naming the key or
+    # file, before Ray is imported (a remote checkpoint is left to the workers, which check it)
+    check_train(cfg, args.resume)
+    from cluster.launch import run_supervised
+    from cluster.ray_local import ray_session
 
-        # a missing, corrupt or unsafe checkpoint is refused here, naming the file, before
-        # Ray starts (a remote one is left to the workers, which check every file again)
-        root = cfg.path(cfg.train.checkpoint_dir)
-        if args.resume != "auto" or has_checkpoint(root):
-            locate("latest" if args.resume == "auto" else args.resume, root, cache=None,
-                   warn=lambda m: print(m, file=sys.stderr))
+    if not args.resume:
+        prepare_tokenizer(cfg)
     with ray_session(args.ray_address, num_cpus=max(cfg.train.num_workers, 1)):
-        run_training(cfg, resume=args.resume)
+        # SIGTERM/SIGINT: the workers save and end; a worker that dies: the group restarts
+        status = run_supervised(cfg, name=cfg.name, resume=args.resume, max_failures=cfg.train.max_failures)
     print(f"run directory: {cfg.run_dir}")
-    return 0
+    return status
 
 
 def cmd_eval(args) -> int:

@@ -11,6 +11,7 @@ its run resumes from the newest complete checkpoint in the same run directory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ACTIVE = {"PENDING", "RUNNING"}
 DONE_OK = {"SUCCEEDED"}
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+STOP_REPORT_S = 15  # beyond train.stop_grace_s: for the job's driver to report and exit before Ray's SIGKILL
 
 
 def add_cluster_commands(sub, config_args) -> None:
@@ -45,7 +47,10 @@ def add_cluster_commands(sub, config_args) -> None:
 
     p = cs.add_parser("submit", help="package the project and a run config as a Ray job",
                       description="Submits a training run. The run name (--name, default the config's "
-                      "`name`) decides the submission id and the run directory: submitting a name that is "
+                      "`name`) decides the submission id, the metrics' `run` label and the run directory "
+                      "(a name other than the config's trains in NAME beside the config's run_dir, "
+                      "e.g. runs/NAME; its checkpoints follow). Submitting a name with another config "
+                      "than its earlier job's is refused, listing the keys. Submitting a name that is "
                       "pending, running or succeeded prints that job instead of starting another; a name "
                       "whose job failed or was stopped is submitted again and resumes from its newest "
                       "complete checkpoint. Relative paths (run_dir, shards, checkpoint_dir) are made absolute "
@@ -58,9 +63,9 @@ def add_cluster_commands(sub, config_args) -> None:
                    "'.', '_', '-'")
     p.add_argument("--max-failures", type=int, default=3, metavar="N",
                    help="worker-group restarts after a worker or node dies (default 3; -1: unlimited)")
-    p.add_argument("--stop-grace", type=int, default=60, metavar="SECONDS",
+    p.add_argument("--stop-grace", type=float, metavar="SECONDS",
                    help="after `vlm cluster stop`, how long the trainer has to save a final checkpoint "
-                   "before Ray kills it (default 60)")
+                   "before it is killed: sets train.stop_grace_s (default: the config's, 60)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the job and its workers (repeatable)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only "
@@ -190,6 +195,72 @@ def _make_paths_absolute(cfg) -> None:
         source.shards = _absolute(source.shards)
 
 
+def name_run(cfg, name: str | None) -> str:
+    """--name N names the run (its submission ids, the metrics' `run` label) and, where N
+    is not the config's name, gives it a directory of its own: N beside the config's
+    run_dir (runs/demo -> runs/N), which its tokenizer, logs, metrics targets and
+    checkpoints ({run_dir}/checkpoints) follow, so two names never share them. Inputs
+    written with {run_dir} (the shards) keep pointing into the config's run_dir."""
+    name = name or cfg.name
+    if not NAME_RE.match(name):
+        raise ValueError(f"run name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
+    if name == cfg.name:
+        return name
+    from vlm.config import ConfigError
+
+    if not cfg.train.checkpoint_dir.startswith("{run_dir}"):
+        raise ConfigError(f"--name {name}: train.checkpoint_dir {cfg.train.checkpoint_dir!r} does not follow "
+                          "{run_dir}, so runs of every name would share it: set train.checkpoint_dir to "
+                          "'{run_dir}/checkpoints' or to a directory of this run's own")
+    cfg.data.train_shards = cfg.path(cfg.data.train_shards)
+    cfg.data.eval_shards = cfg.path(cfg.data.eval_shards)
+    for source in cfg.data.reader.mix:
+        source.shards = cfg.path(source.shards)
+    cfg.name, cfg.run_dir = name, str(Path(cfg.run_dir).parent / name)
+    return name
+
+
+def _previous_config(cfg, previous: list) -> tuple[dict | None, str]:
+    """The config a run name was last submitted with (its newest job's metadata) or, when
+    no job says, the one its run directory was started with (config.yaml); None if neither."""
+    meta = (previous[-1].metadata or {}) if previous else {}
+    if meta.get("vlm_config"):
+        return json.loads(meta["vlm_config"]), f"job {previous[-1].submission_id}"
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if saved.is_file():
+        import yaml
+
+        return yaml.safe_load(saved.read_text()), str(saved)
+    return None, ""
+
+
+def check_resubmission(cfg, name: str, previous: list) -> None:
+    """ConfigError when a name is submitted again with another config than before: for a
+    job pending, running or succeeded (nothing would be submitted) any difference; for
+    one that failed or stopped (it resumes) the keys a resume cannot change, and its run
+    and checkpoint directories."""
+    from vlm.config import RESUME_CHANGEABLE, ConfigError, config_changes, format_changes
+
+    saved, source = _previous_config(cfg, previous)
+    if not saved:
+        return
+    if previous and previous[-1].status in ACTIVE | DONE_OK:
+        changes = config_changes(saved, cfg, allowed=())
+        if changes:
+            raise ConfigError(f"run {name!r} is already submitted ({_status_line(previous[-1])}) with another "
+                              f"config, which submitting it again would not change:\n{format_changes(changes)}\n"
+                              "pick a new --name for a run with this config")
+        return
+    pinned = ("run_dir", "train.checkpoint_dir") if previous else ()
+    changes = config_changes(saved, cfg, allowed=tuple(k for k in RESUME_CHANGEABLE if k not in pinned))
+    if changes:
+        raise ConfigError(f"run {name!r} was started with another config ({source}), which its resume cannot "
+                          f"change:\n{format_changes(changes)}\nonly these may change when a run resumes: "
+                          f"{', '.join(RESUME_CHANGEABLE)} (docs/checkpoints.md); pick a new --name to start "
+                          "a run with this config")
+
+
 def _env_pairs(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -200,22 +271,35 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def cmd_submit(args) -> int:
+def resolve_submission(config: str, overrides: list[str], name: str | None):
+    """-> (the run config a submission stages, its run name): loaded, named (--name), its
+    local paths made absolute and pre-flighted, as far as that needs no file of the
+    cluster's (the job's entrypoint checks the rest before it starts Ray)."""
+    from cluster.preflight import check_train
     from vlm.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    name = args.name or cfg.name
-    if not NAME_RE.match(name):
-        raise ValueError(f"run name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a "
-                         "letter or digit")
+    cfg = load_config(config, overrides)
+    name = name_run(cfg, name)
+    _make_paths_absolute(cfg)
+    check_train(cfg, "auto", local=False)
+    return cfg, name
+
+
+def cmd_submit(args) -> int:
     if args.max_failures < -1:
         raise ValueError(f"--max-failures {args.max_failures}: use -1 (unlimited), 0 or more")
-    _make_paths_absolute(cfg)
+    cfg, name = resolve_submission(args.config, args.overrides, args.name)
     env = _env_pairs(args.env)
-    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(args.stop_grace))
+    if args.stop_grace is not None:
+        if args.stop_grace <= 0:
+            raise ValueError(f"--stop-grace {args.stop_grace:g}: use a positive number of seconds")
+        cfg.train.stop_grace_s = args.stop_grace
+    # the job's driver gives up on the workers after train.stop_grace_s; Ray kills it a little later
+    env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(math.ceil(cfg.train.stop_grace_s) + STOP_REPORT_S))
     client = _client(args.address)
 
     previous = _vlm_jobs(client, name)
+    check_resubmission(cfg, name, previous)
     if previous and previous[-1].status in ACTIVE | DONE_OK:
         job = previous[-1]
         print(f"run {name!r} is already submitted, not starting another: {_status_line(job)}")
@@ -227,7 +311,8 @@ def cmd_submit(args) -> int:
     try:
         _submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=sid,
                                  runtime_env={"working_dir": stage, "env_vars": env},
-                                 metadata={"vlm_run": name, "run_dir": cfg.run_dir})
+                                 metadata={"vlm_run": name, "run_dir": cfg.run_dir,
+                                           "vlm_config": json.dumps(cfg.model_dump(mode="json"))})
     except RuntimeError as e:
         if "already exists" not in str(e):
             raise
@@ -346,15 +431,15 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     """The job's entrypoint (a Ray job driver)."""
-    import signal
-
     from cluster.cli import prepare_tokenizer
-    from cluster.launch import clear_stop, new_stop_key, request_stop, run_training
+    from cluster.launch import run_supervised
+    from cluster.preflight import check_train
     from cluster.ray_local import worker_env
     from vlm.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    name = args.name or cfg.name
+    name = name_run(cfg, args.name)
+    check_train(cfg, "auto")  # before Ray: the batch, the checkpoint's config, a writable run_dir
     import ray
 
     # The job's runtime_env (working_dir, --env) is inherited; add only what it lacks
@@ -362,23 +447,11 @@ def cmd_run(args) -> int:
     extra = {k: v for k, v in worker_env().items() if k not in os.environ}
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": extra} if extra else None)
     prepare_tokenizer(cfg)
-    stop_key = new_stop_key(name)
-    stopping = []
-
-    def on_sigterm(signum, frame):
-        print("SIGTERM: asking every worker to save a checkpoint and stop", flush=True)
-        stopping.append(signum)
-        request_stop(stop_key)
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     print(f"run {name}: {cfg.train.num_workers} worker(s), run directory {cfg.run_dir}, "
           f"up to {args.max_failures} restart(s) of the worker group", flush=True)
-    try:
-        run_training(cfg, resume="auto", max_failures=args.max_failures, stop_key=stop_key)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        clear_stop(stop_key)
+    # SIGTERM (`vlm cluster stop`) or SIGINT: the workers save and end within train.stop_grace_s
+    status = run_supervised(cfg, name=name, resume="auto", max_failures=args.max_failures)
     latest = Path(cfg.path(cfg.train.checkpoint_dir)) / "latest"
     where = f"; newest checkpoint {latest.read_text().strip()}" if latest.is_file() else ""
-    print(f"run {name} {'stopped' if stopping else 'finished'}{where}", flush=True)
-    return 0
+    print(f"run {name} {'stopped' if status else 'finished'}{where}", flush=True)
+    return status

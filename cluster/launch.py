@@ -7,10 +7,17 @@ checkpoint (resume="auto"), so a run loses at most the steps since its last save
 Stop channel: the driver cannot signal the workers (they are Ray actors on other
 processes, maybe other nodes), so `request_stop` writes a key into Ray's GCS key-value
 store, which every worker polls once per step; the workers then save together and end
-("stopped"). The job entrypoint calls it from its SIGTERM handler (`vlm cluster stop`)."""
+("stopped"). `run_supervised` (the driver of `vlm train` and of a `vlm cluster submit` job)
+sends it on SIGTERM or SIGINT, waits up to train.stop_grace_s for the save, and reads back
+the step and checkpoint the workers stopped at, which rank 0 leaves under the same key."""
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
+import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -99,7 +106,28 @@ def _worker(loop_config: dict) -> None:
 
     stop_key = loop_config.get("stop_key")
     should_stop = (lambda: stop_requested(stop_key)) if stop_key else None
-    train(config_from_dict(loop_config["config"]), resume=loop_config["resume"], should_stop=should_stop)
+    resume, starts = _this_start(loop_config, ctx.get_world_rank())
+    summary = train(config_from_dict(loop_config["config"]), resume=resume, should_stop=should_stop,
+                    on_started=(lambda: _kv_put(f"{stop_key}/starts", str(starts))) if stop_key else None)
+    if stop_key and summary["rank"] == 0:  # for run_supervised: where the run stopped
+        _kv_put(f"{stop_key}/result", json.dumps({k: summary[k] for k in ("step", "stopped", "checkpoint")}))
+
+
+def _this_start(loop_config: dict, rank: int) -> tuple[str | None, int]:
+    """(what to resume, which start of the worker group this is). Every start of the group
+    runs the same loop config; the number of the last start that got going is kept under
+    the stop key (written once the engine is built, after collectives every rank joins, so
+    no rank of the first start reads it). A restart resumes the newest checkpoint, never
+    again a tag the first start resumed."""
+    stop_key = loop_config.get("stop_key")
+    before = _kv_get(f"{stop_key}/starts") if stop_key else None
+    if before is None:
+        return loop_config["resume"], 1
+    if rank == 0:
+        limit = loop_config.get("max_failures", 0)
+        print(f"worker group failed: restarting (attempt {before} of {'unlimited' if limit == -1 else limit}), "
+              "resuming from the newest checkpoint", flush=True)
+    return "auto", int(before) + 1
 
 
 def new_stop_key(name: str) -> str:
@@ -109,9 +137,20 @@ def new_stop_key(name: str) -> str:
 
 
 def request_stop(stop_key: str) -> None:
+    _kv_put(stop_key, "1")
+
+
+def _kv_put(key: str, value: str) -> None:
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_put(stop_key, b"1", namespace=STOP_NAMESPACE)
+    internal_kv._internal_kv_put(key, value.encode(), namespace=STOP_NAMESPACE)
+
+
+def _kv_get(key: str) -> str | None:
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(key, namespace=STOP_NAMESPACE)
+    return value.decode() if value is not None else None
 
 
 def stop_requested(stop_key: str) -> bool:
@@ -123,28 +162,28 @@ def stop_requested(stop_key: str) -> bool:
 def clear_stop(stop_key: str) -> None:
     from ray.experimental import internal_kv
 
-    internal_kv._internal_kv_del(stop_key, namespace=STOP_NAMESPACE)
+    for key in (stop_key, f"{stop_key}/starts", f"{stop_key}/result"):
+        internal_kv._internal_kv_del(key, namespace=STOP_NAMESPACE)
 
 
 def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int = 0,
                  stop_key: str | None = None) -> None:
     """Blocks until every worker has finished; raises if the run failed (after
     max_failures restarts of the worker group; -1: unlimited). resume: None, 'auto',
-    'latest' or a tag. Every start of the group runs the same loop config, so with
-    restarts allowed None and 'latest' become 'auto' (a restart then resumes the newest
-    checkpoint); a tag would be resumed again after a restart, losing the steps since."""
+    'latest' or a tag, for the first start; with a stop_key, a restarted group resumes the
+    newest checkpoint ('auto') instead, whatever the first start resumed."""
     from cluster.ray_local import worker_env
 
     # Whether the workers get GPUs is the cluster's business, not the driver's: a job's
     # driver runs on the head, which usually has none.
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
-    if max_failures != 0 and resume in (None, "latest"):
-        # the first start and every restart run the same loop config: 'auto' starts fresh
+    if stop_key is None and max_failures != 0 and resume in (None, "latest"):
+        # without a stop key every start runs the same loop config: 'auto' starts fresh
         # when there is no checkpoint and resumes the newest one after a restart
         resume = "auto"
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume, "max_failures": max_failures,
                            "cwd": os.getcwd(), "env": worker_env(), "stop_key": stop_key},
         torch_config=NodeBoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
@@ -153,3 +192,74 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
                                 failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()
+
+
+# Exit statuses of a driver that was signalled (docs/checkpoints.md, "Stopping and restarts"):
+# 128 + the signal's number once the workers saved and ended, as a shell reports a process
+# its signal ended; FORCED_EXIT when they were abandoned before a save was confirmed.
+FORCED_EXIT = 1
+
+
+def run_supervised(cfg: RunConfig, *, name: str, resume: str | None = None, max_failures: int = 0) -> int:
+    """run_training for a driver (`vlm train`, `vlm cluster run`): the first SIGTERM or
+    SIGINT asks the workers, through the GCS stop key, to save at the step they are in and
+    end, within cfg.train.stop_grace_s; a second signal, or the grace period running out,
+    ends this process at once (with it, its workers) with FORCED_EXIT. fit() runs on a
+    thread so that Ray Train installs no SIGINT handler of its own (on the main thread it
+    would abort the workers without a save). Returns the exit status: 0 when the run
+    finished, 128 + signum when it stopped and saved."""
+    stop_key = new_stop_key(name)
+    box: dict = {}
+
+    def fit() -> None:
+        try:
+            run_training(cfg, resume=resume, max_failures=max_failures, stop_key=stop_key)
+        except BaseException as e:  # re-raised on the main thread
+            box["error"] = e
+
+    signals: list[int] = []
+
+    def on_signal(signum, frame) -> None:  # a flag only: _wait acts on it
+        signals.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    fitting = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    try:
+        fitting.start()
+        _wait(fitting, signals, stop_key, cfg.train.stop_grace_s)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    result = json.loads(_kv_get(f"{stop_key}/result") or "null")
+    clear_stop(stop_key)
+    if "error" in box:
+        raise box["error"]
+    if signals and result and result["stopped"]:
+        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']}", flush=True)
+        return 128 + signals[0]
+    return 0
+
+
+def _wait(fitting: threading.Thread, signals: list[int], stop_key: str, grace_s: float) -> None:
+    """Until fit() returns: sends the stop request after the first signal; abandons the
+    workers after a second one or when the grace period is over."""
+    deadline = None
+    while fitting.is_alive():
+        fitting.join(0.2)
+        if signals and deadline is None:
+            print(f"{signal.Signals(signals[0]).name}: asking every worker to save a checkpoint and stop "
+                  f"(grace period {grace_s:g}s; a second signal exits at once)", flush=True)
+            request_stop(stop_key)
+            deadline = time.monotonic() + grace_s
+        if len(signals) > 1 and fitting.is_alive():
+            _abandon(f"{signal.Signals(signals[1]).name} again: exiting now, without waiting for the workers")
+        if deadline is not None and time.monotonic() > deadline and fitting.is_alive():
+            _abandon(f"the workers did not save and end within train.stop_grace_s={grace_s:g}s: exiting")
+
+
+def _abandon(message: str) -> None:
+    """Exits at once. The workers are Ray actors owned, through Ray Train's controller, by
+    this driver: Ray ends them when it exits (and a local Ray's processes share its fate)."""
+    print(f"{message} (status {FORCED_EXIT}); the newest complete checkpoint is the one to resume", flush=True)
+    sys.stderr.flush()
+    os._exit(FORCED_EXIT)

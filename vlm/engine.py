@@ -8,8 +8,10 @@ import json
 import math
 import os
 import random
+import select
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,9 +25,9 @@ import torch.distributed as dist
 
 from data_pipeline.reader import build_reader
 from vlm import checkpoint, gradcache
-from vlm.config import RunConfig, dump_config
+from vlm.config import RunConfig, check_resume_config, dump_config
 from vlm.data import BadDataError, BatchLoader
-from vlm.evaluate import append_eval_log, evaluate_distributed, flat_metrics
+from vlm.evaluate import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
 from vlm.metrics import BAD_REASONS, TrainMetrics
 from vlm.models import build_clip
 from vlm.objectives import build_objective
@@ -37,6 +39,9 @@ TOKENIZER_FILE = "tokenizer.json"
 EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
                  "dense/dense_miou")
 TRAIN_LOG = "train_log.jsonl"
+# exit status when a second signal, or the end of train.stop_grace_s, ends a run before its
+# save (docs/checkpoints.md, "Stopping and restarts"); a clean stop exits with 128 + signum
+FORCED_EXIT = 1
 
 
 def lr_lambda(cfg) -> callable:
@@ -151,6 +156,9 @@ class Trainer:
         self.global_batch = cfg.train.micro_batch_size * self.accum * self.world_size
         self.stop_requested, self.stop_reason = False, ""
         self.should_stop = should_stop
+        self.signals: list[int] = []  # signals received by this process (main thread only)
+        self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
+        self.last_checkpoint: str | None = None
 
         tok_path = self.run_dir / TOKENIZER_FILE
         if not tok_path.is_file():
@@ -214,7 +222,9 @@ class Trainer:
         path, error = self._broadcast(found)
         if error:
             raise FileNotFoundError(error)
-        return Path(path), checkpoint.load_trainer_state(Path(path))
+        state = checkpoint.load_trainer_state(Path(path))
+        check_resume_config(state.get("config"), self.cfg, checkpoint=path)  # every rank: all stop together
+        return Path(path), state
 
     def _to_universal(self, ckpt: Path, state: dict) -> Path:
         """A ZeRO checkpoint saved at another world size -> DeepSpeed's universal format
@@ -353,6 +363,7 @@ class Trainer:
                                rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()},
                                staging=self.run_dir / ".ckpt_staging")
         stall = time.perf_counter() - t0
+        self.last_checkpoint = checkpoint.tag_for_step(self.step)
         if self.metrics:
             self.metrics.record_checkpoint(stall)
         self._say(f"checkpoint {path} (training stalled {stall:.2f}s)")
@@ -364,16 +375,45 @@ class Trainer:
                 self._say(f"removed old checkpoint {old}")
 
     def _on_sigterm(self, signum, frame) -> None:
-        self.stop_requested, self.stop_reason = True, "SIGTERM"
+        """SIGTERM or SIGINT: flags only; the loop saves at the end of the step, and
+        _watch_grace ends the process on a second signal or when the grace period is over."""
+        self.signals.append(signum)
+        self.stop_requested, self.stop_reason = True, signal.Signals(signum).name
+
+    def _watch_grace(self, wakeup: int, done: threading.Event) -> None:
+        """On a thread: after a first signal, waits cfg.train.stop_grace_s for the save; a
+        second signal or the end of the grace period exits at once (FORCED_EXIT). It learns
+        of signals from the wakeup fd, written by the interpreter's C-level handler the
+        moment one arrives: the Python handler waits until the main thread leaves the
+        C call it is in (a step, a collective), which may be what hangs."""
+        received, deadline, grace = b"", None, self.cfg.train.stop_grace_s
+        try:
+            while not done.is_set():
+                if select.select([wakeup], [], [], 0.2)[0]:
+                    received += os.read(wakeup, 64)
+                if received and deadline is None:
+                    deadline = time.monotonic() + grace
+                late = deadline is not None and time.monotonic() > deadline
+                if (len(received) > 1 or late) and not done.is_set():
+                    why = (f"{signal.Signals(received[1]).name} again" if len(received) > 1 else
+                           f"no checkpoint within train.stop_grace_s={grace:g}s")
+                    print(f"rank {self.rank}: {why}: exiting now, without a checkpoint at this step "
+                          f"(status {FORCED_EXIT})", flush=True)
+                    os._exit(FORCED_EXIT)
+        finally:
+            os.close(wakeup)
 
     def _agree_to_stop(self) -> bool:
-        """Whether any rank was asked to stop (SIGTERM, should_stop): all ranks must save together."""
+        """Whether any rank was asked to stop (SIGTERM, SIGINT, should_stop): all ranks must
+        save together. The flag carries the signal's number, so that every rank, signalled or
+        not, knows it (for its exit status)."""
         if self.should_stop is not None and self.rank == 0 and not self.stop_requested and self.should_stop():
             self.stop_requested, self.stop_reason = True, "the job was asked to stop"
-        if self.world_size == 1:
-            return self.stop_requested
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(self.signals[0]) if self.signals else 1.0 if self.stop_requested else 0.0])
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 1:
+            self.stop_signal = int(flag.item())
         return bool(flag.item())
 
     def evaluate(self) -> None:
@@ -390,15 +430,25 @@ class Trainer:
             self.metrics.record_eval(results, step=self.step)
 
     def run(self) -> dict:
-        """Steps until cfg.train.steps; on SIGTERM (a preemption, `ray job stop`) every rank
-        finishes its step, a checkpoint is saved and the run ends early ("stopped")."""
+        """Steps until cfg.train.steps; on SIGTERM or SIGINT (a preemption, Ctrl-C, `kill`)
+        every rank finishes its step, a checkpoint is saved and the run ends early
+        ("stopped"). The logs first lose any rows past the step this run starts from (a
+        resumed or restarted run logs those steps again)."""
         cfg = self.cfg
+        if self.rank == 0:
+            for name in (TRAIN_LOG, EVAL_LOG):
+                truncate_log(self.run_dir / name, self.step)
         log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
         last_saved, stopped = self.step, False
-        try:
-            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        except ValueError:  # not the main thread (e.g. inside a Ray Train worker): the launcher handles it
-            previous = None
+        previous, done, pipe, old_wakeup = {}, threading.Event(), None, -1
+        if threading.current_thread() is threading.main_thread():
+            # not inside a Ray Train worker (a thread): there the driver handles signals
+            previous = {s: signal.signal(s, self._on_sigterm) for s in (signal.SIGTERM, signal.SIGINT)}
+            pipe = os.pipe()
+            os.set_blocking(pipe[1], False)
+            old_wakeup = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
+            threading.Thread(target=self._watch_grace, args=(pipe[0], done), name="stop-grace",
+                             daemon=True).start()
         try:
             while self.step < cfg.train.steps:
                 self.record(self.train_step(), log)
@@ -414,18 +464,47 @@ class Trainer:
             if last_saved != self.step:
                 self.save()
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            done.set()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if pipe is not None:
+                signal.set_wakeup_fd(old_wakeup)
+                os.close(pipe[1])  # the read end stays open for the watcher, which ends within 0.2 s
             if log:
                 log.close()
             if self.metrics:
                 self.metrics.close()
-        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped}
+        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
+                "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
 
 
-def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-    """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank."""
-    return Trainer(cfg, resume=resume, should_stop=should_stop).run()
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the rows of a JSON-lines log past `step` (and a line cut short by a kill),
+    atomically: the log keeps exactly one row per step however often a run resumes."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None,
+          on_started: Callable[[], None] | None = None) -> dict:
+    """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank
+    (step, stopped, the tag of the last checkpoint it saved, the signal that stopped it).
+    on_started: called once the engine is built and any checkpoint restored."""
+    trainer = Trainer(cfg, resume=resume, should_stop=should_stop)
+    if on_started is not None:
+        on_started()
+    return trainer.run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,9 +531,16 @@ def main(argv: list[str] | None = None) -> int:
     except BadDataError as e:  # mostly broken shards: say which, no traceback
         print(f"python -m vlm.engine: error: {e}", flush=True)
         return 1
+    except ConfigError as e:  # e.g. a resume whose config changed keys the checkpoint fixes
+        print(f"python -m vlm.engine: {e}", flush=True)
+        return 2
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0 if summary else 1
+    if summary["stopped"] and summary["signal"] is not None:
+        if summary["rank"] == 0:
+            print(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}", flush=True)
+        return 128 + summary["signal"]
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""Checks of a training run that need no Ray, run before Ray starts: by `vlm train`, by
+`vlm cluster run` (the job's entrypoint, on the cluster) and, those that need no file
+system of the cluster, by `vlm cluster submit`. A mistake is then a ConfigError (exit
+status 2) naming the key, file or directory, in a second, instead of a traceback out of a
+worker group minutes later. The engine checks a resumed config again itself
+(vlm.config.check_resume_config), for `python -m vlm.engine` and remote checkpoints."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from vlm.config import ConfigError, RunConfig, check_resume_config
+
+
+def check_batch(cfg: RunConfig) -> None:
+    """train.global_batch_size must split evenly into micro-batches on every worker."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return
+    per_pass = t.micro_batch_size * t.num_workers
+    if t.global_batch_size % per_pass:
+        near = max(per_pass, round(t.global_batch_size / per_pass) * per_pass)
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size × train.num_workers = {t.micro_batch_size} × {t.num_workers} "
+                          f"= {per_pass} (e.g. {near})")
+
+
+def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:
+    """--resume against a local checkpoint directory: a fresh run must not start over
+    existing checkpoints; a resume needs a checkpoint (the newest complete one, or the
+    tag), whose saved config may differ from cfg only in RESUME_CHANGEABLE keys. Returns
+    the checkpoint found (None: a fresh run, or one on a remote store, left to the
+    workers, which check it as they load it)."""
+    from vlm.checkpoint import has_checkpoint, is_remote, load_trainer_state, locate
+
+    root = cfg.path(cfg.train.checkpoint_dir)
+    if not resume:
+        latest = Path(root) / "latest"
+        if not is_remote(root) and latest.is_file():
+            raise ConfigError(f"{cfg.run_dir} already has checkpoints in {root} (newest: "
+                              f"{latest.read_text().strip()}): pass --resume latest to continue it, or "
+                              "--set run_dir=NEW_DIR to start over")
+        return None
+    if resume == "auto":
+        if not has_checkpoint(root):
+            return None
+        resume = "latest"
+    try:
+        ckpt = locate(resume, root, cache=None, warn=lambda m: print(m, file=sys.stderr))
+    except FileNotFoundError as e:
+        raise ConfigError(f"--resume {resume}: nothing to resume in train.checkpoint_dir {root}: {e}") from None
+    if ckpt is not None:
+        check_resume_config(load_trainer_state(ckpt).get("config"), cfg, checkpoint=ckpt)
+    return ckpt
+
+
+def check_run_dir(cfg: RunConfig) -> None:
+    """The run directory must take files (tokenizer, logs, metrics targets, checkpoints):
+    created if missing, then a probe file written and removed."""
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"run_dir {run_dir} is not writable ({e.strerror or e}): set run_dir to a "
+                          "directory this user can write") from None
+
+
+def check_train(cfg: RunConfig, resume: str | None, *, local: bool = True) -> Path | None:
+    """Every check of a training run that can run before Ray starts; ConfigError on the
+    first that fails. local=False (a submitter, which may not see the cluster's file
+    system): only those that read no files. Returns the checkpoint a resume will load,
+    when it was found here."""
+    check_batch(cfg)
+    if not local:
+        return None
+    ckpt = check_resume(cfg, resume)
+    check_run_dir(cfg)
+    return ckpt

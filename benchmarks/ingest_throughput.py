@@ -7,6 +7,8 @@
    environment, --i2d-venv, created on first use) on that table with the same number of
    processes (one per core: vlm's local Ray runs one shard task per core), resizing to 224 (center crop) into webdataset shards of JPEG quality 95;
    prints samples/s of each (whole command wall time, start-up included) and the ratio.
+   With --baseline TREE (a checkout of another commit) that tree's `vlm data ingest` runs
+   too, alternated with this one's, and the ratio of their medians is printed.
 3. Runs `vlm data ingest` over a 1,000,000-row and a 10,000-row table whose URLs point at
    a closed loopback port (every row fails fast with connection_error) and prints the
    driver's peak RSS for each and their ratio.
@@ -15,6 +17,8 @@ Nothing leaves 127.0.0.1. Run with `nice`: it keeps every core busy for minutes.
 
     nice python benchmarks/ingest_throughput.py                 # the full sizes
     nice python benchmarks/ingest_throughput.py --images 2000 --big-rows 100000 --small-rows 10000
+    git worktree add /tmp/vlm-base COMMIT && nice python benchmarks/ingest_throughput.py \
+        --images 2000 --repeat 5 --skip-i2d --skip-memory --baseline /tmp/vlm-base   # before/after
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 VLM = str(Path(sys.executable).parent / "vlm")
+_LABELS = {"vlm": "vlm ingest", "base": "baseline", "i2d": "img2dataset"}
 I2D_VERSION = "1.47.0"
 
 
@@ -112,17 +117,20 @@ def write_table(path: Path, urls: list[str]) -> None:
     pq.write_table(pa.table({"url": urls, "caption": captions}), path, row_group_size=100_000)
 
 
-def _timed(cmd: list[str], env=None) -> tuple[float, str]:
+def _timed(cmd: list[str], env=None, cwd: Path = REPO) -> tuple[float, str]:
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.monotonic() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return elapsed, proc.stdout + proc.stderr
 
 
-def run_vlm(table: Path, out: Path, shard_size: int, extra: list[str] = ()) -> tuple[float, str]:
-    """`vlm data ingest` on a private local Ray with one CPU (one shard task) per core."""
+def run_vlm(table: Path, out: Path, shard_size: int, extra: list[str] = (),
+            tree: Path | None = None) -> tuple[float, str]:
+    """`vlm data ingest` on a private local Ray with one CPU (one shard task) per core; of
+    the source tree ``tree`` (a checkout of another commit, first on the driver's and Ray
+    workers' PYTHONPATH) instead of this one when given."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [VLM, "data", "ingest", "--input", str(table), "--output", str(out), "--no-progress",
            "--metrics-port", "-1",
@@ -131,7 +139,9 @@ def run_vlm(table: Path, out: Path, shard_size: int, extra: list[str] = ()) -> t
            "--set", "data.ingest.resize_mode=center_crop", "--set", "data.ingest.encode_quality=95",
            "--set", "data.ingest.threads=16", "--set", "data.ingest.fetch.retries=0",
            "--set", "data.ingest.fetch.allow_private_hosts=[127.0.0.1]", *extra]
-    return _timed(cmd)
+    if tree is None:
+        return _timed(cmd)
+    return _timed(cmd, {**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
 
 
 def ensure_i2d(venv: Path) -> Path:
@@ -184,6 +194,11 @@ def main(argv=None) -> int:
     p.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the large memory run")
     p.add_argument("--small-rows", type=int, default=10_000, help="rows of the small memory run")
     p.add_argument("--repeat", type=int, default=1, help="throughput runs of each tool, alternated; best counts")
+    p.add_argument("--baseline", type=Path, metavar="TREE",
+                   help="a checkout of the commit to compare with (git worktree add /tmp/vlm-base COMMIT): "
+                   "its `vlm data ingest` runs alternately with this tree's on the same table, and the "
+                   "ratio of their medians is printed")
+    p.add_argument("--skip-i2d", action="store_true", help="do not run img2dataset")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args(argv)
@@ -193,35 +208,44 @@ def main(argv=None) -> int:
 
     if not args.skip_throughput:
         names = generate_corpus(root / "corpus", args.images, args.processes)
-        exe = ensure_i2d(args.i2d_venv)
+        exe = None if args.skip_i2d else ensure_i2d(args.i2d_venv)
+        if args.baseline is not None and not (args.baseline / "cluster" / "cli.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a checkout of this project (no cluster/cli.py)")
         server, url = start_server(root / "corpus")
         try:
             table = root / f"urls-{args.images}.parquet"
             write_table(table, [f"{url}/{n}" for n in names])
             print(f"corpus        {args.images} images (JPEG+PNG, 256-1024 px), {args.processes} processes, "
                   f"resize 224 center_crop, webdataset jpg q95", flush=True)
-            rates: dict[str, list[float]] = {"vlm": [], "i2d": []}
-            for rep in range(args.repeat):  # alternated, so a busy spell hits both alike
-                t_vlm, out_vlm = run_vlm(table, root / "out-vlm", args.shard_size)
-                n_vlm = count_tar_images(root / "out-vlm")
-                t_i2d, _ = run_i2d(exe, table, root / "out-i2d", args.processes, args.shard_size)
-                n_i2d = count_tar_images(root / "out-i2d")
-                rates["vlm"].append(n_vlm / t_vlm)
-                rates["i2d"].append(n_i2d / t_i2d)
-                own = re.search(r"elapsed\s+([\d.]+) s \(([\d.]+) samples/s\)", out_vlm)
-                print(f"run {rep + 1}: vlm ingest {n_vlm} samples in {t_vlm:.1f} s ({n_vlm / t_vlm:.0f}/s; "
-                      f"its own summary {own.group(2) if own else '?'}/s), img2dataset {n_i2d} samples in "
-                      f"{t_i2d:.1f} s ({n_i2d / t_i2d:.0f}/s)", flush=True)
+            rates: dict[str, list[float]] = {"vlm": [], "base": [], "i2d": []}
+            for rep in range(args.repeat):  # alternated (and the order swapped), so a busy spell hits all alike
+                runs = [("vlm", None)] + ([("base", args.baseline)] if args.baseline else [])
+                runs += [] if exe is None else [("i2d", None)]
+                for tool, tree in (runs if rep % 2 == 0 else runs[::-1]):
+                    out = root / f"out-{tool}"
+                    if tool == "i2d":
+                        t, log = run_i2d(exe, table, out, args.processes, args.shard_size)
+                    else:
+                        t, log = run_vlm(table, out, args.shard_size, tree=tree)
+                    n = count_tar_images(out)
+                    rates[tool].append(n / t)
+                    own = re.search(r"elapsed\s+([\d.]+) s \(([\d.]+) samples/s\)", log)
+                    extra = f"; its own summary {own.group(2)}/s" if tool != "i2d" and own else ""
+                    print(f"run {rep + 1}: {_LABELS[tool]:<13} {n} samples in {t:.1f} s ({n / t:.0f}/s{extra})",
+                          flush=True)
         finally:
             server.kill()
-        best_vlm, best_i2d = max(rates["vlm"]), max(rates["i2d"])
-        print(f"vlm ingest    {best_vlm:.0f} samples/s (best of {args.repeat}, wall time of the command)")
-        print(f"img2dataset   {best_i2d:.0f} samples/s (best of {args.repeat}, wall time of the command)")
-        print(f"ratio         {best_vlm / best_i2d:.2f}x (vlm / img2dataset)")
-        if args.repeat >= 2:  # best against best hides the spread; say it
-            runs = ", ".join(f"{v / i:.2f}x" for v, i in zip(rates["vlm"], rates["i2d"]))
-            med = statistics.median(rates["vlm"]) / statistics.median(rates["i2d"])
-            print(f"run by run    {runs}; medians {med:.2f}x")
+        for tool in ("vlm", "base", "i2d"):
+            if rates[tool]:
+                print(f"{_LABELS[tool]:<13} {max(rates[tool]):.0f} samples/s best, {statistics.median(rates[tool]):.0f} "
+                      f"median of {len(rates[tool])} (wall time of the command)")
+        for other, what in (("i2d", "vlm / img2dataset"), ("base", f"this tree / {args.baseline}")):
+            if rates[other]:
+                print(f"ratio         {max(rates['vlm']) / max(rates[other]):.2f}x best, "
+                      f"{statistics.median(rates['vlm']) / statistics.median(rates[other]):.3f}x medians ({what})")
+                if args.repeat >= 2:  # best against best hides the spread; say it
+                    runs = ", ".join(f"{v / o:.2f}x" for v, o in zip(rates["vlm"], rates[other]))
+                    print(f"run by run    {runs}")
 
     if not args.skip_memory:
         port = _free_port()  # closed: every row fails at connect

@@ -43,3 +43,16 @@ TINY_MODEL = ("model.embed_dim=32", "model.vision.width=32", "model.vision.depth
 def set_args(*overrides: str) -> list[str]:
     """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]"""
     return [arg for o in overrides for arg in ("--set", o)]
+
+
+def shards_with_tokenizer(root: Path, *, n: int, per_shard: int) -> tuple[Path, Path, Path]:
+    """Training shards under root/shards and the BPE tokenizer the tiny model's runs share
+    (trained once on their captions) -> (root, shards, tokenizer.json)."""
+    from cluster.cli import prepare_tokenizer
+    from vlm.config import load_config
+
+    shards = root / "shards"
+    write_shards(shards, n=n, per_shard=per_shard)
+    cfg = load_config(None, [*TINY_MODEL, f"run_dir={root / 'tok'}", f"data.train_shards={shards}"])
+    prepare_tokenizer(cfg)
+    return root, shards, root / "tok" / "tokenizer.json"

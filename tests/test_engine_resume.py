@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shardgen import TINY_MODEL, set_args, write_shards
+from shardgen import TINY_MODEL, set_args, shards_with_tokenizer
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +87,7 @@ def new_run(tmp: Path, name: str, tokenizer: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from cluster.cli import prepare_tokenizer
-    from vlm.config import load_config
-
-    root = tmp_path_factory.mktemp("engine")
-    shards = root / "shards"
-    write_shards(shards, n=480, per_shard=60)
-    cfg = load_config(None, [*TINY_MODEL, f"run_dir={root / 'tok'}", f"data.train_shards={shards}"])
-    prepare_tokenizer(cfg)
-    return root, shards, root / "tok" / "tokenizer.json"
+    return shards_with_tokenizer(tmp_path_factory.mktemp("engine"), n=480, per_shard=60)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shardgen import TINY_MODEL, set_args, write_shards
+from shardgen import TINY_MODEL, set_args, shards_with_tokenizer
 from vlm.engine import truncate_log
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,15 +31,7 @@ BASE = [*TINY_MODEL, "train.micro_batch_size=16", "train.num_workers=1", "train.
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from cluster.cli import prepare_tokenizer
-    from vlm.config import load_config
-
-    root = tmp_path_factory.mktemp("stop")
-    shards = root / "shards"
-    write_shards(shards, n=240, per_shard=60)
-    cfg = load_config(None, [*TINY_MODEL, f"run_dir={root / 'tok'}", f"data.train_shards={shards}"])
-    prepare_tokenizer(cfg)
-    return root, shards, root / "tok" / "tokenizer.json"
+    return shards_with_tokenizer(tmp_path_factory.mktemp("stop"), n=240, per_shard=60)
 
 
 def new_run(data, name: str) -> Path:

@@ -67,7 +67,7 @@ def read_table(path_or_url: str, *, url_col: str = "url", caption_col: str = "ca
         raise TableError(f"{path_or_url}: file not found") from None
     except (pa.ArrowInvalid, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TableError(f"{path_or_url}: cannot parse as {fmt}: {e}") from None
-    _check_columns(table.column_names, path_or_url, url_col, caption_col)
+    check_columns(path_or_url, table.column_names, url_col=url_col, caption_col=caption_col)
     return table
 
 
@@ -108,7 +108,7 @@ def iter_shards(path_or_url: str, shard_size: int, *, url_col: str = "url",
         with _open(path_or_url, fmt) as f:
             for batch in _batches(f, fmt, path_or_url, shard_size):
                 if not checked:
-                    _check_columns(batch.schema.names, path_or_url, url_col, caption_col)
+                    check_columns(path_or_url, batch.schema.names, url_col=url_col, caption_col=caption_col)
                     checked = True
                 while batch.num_rows:
                     take = min(batch.num_rows, shard_size - held)
@@ -165,13 +165,8 @@ def table_schema(path_or_url: str) -> tuple[list[str], bool]:
         raise TableError(f"{path_or_url}: cannot parse as {fmt}: {e}") from None
 
 
-def check_columns(path_or_url: str, names: list[str], *, url_col: str = "url",
-                  caption_col: str = "caption") -> None:
+def check_columns(path: str, names: list[str], *, url_col: str = "url", caption_col: str = "caption") -> None:
     """Raises ``TableError`` naming the file and the first of the two columns it lacks."""
-    _check_columns(names, path_or_url, url_col, caption_col)
-
-
-def _check_columns(names: list[str], path: str, url_col: str, caption_col: str) -> None:
     for col in (url_col, caption_col):
         if col not in names:
             key = "url_col" if col == url_col else "caption_col"

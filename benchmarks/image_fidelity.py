@@ -2,7 +2,7 @@
 depth, tRNS kind, interlaced, eXIf; JPEG grey/RGB/CMYK/progressive/orientations 1-8;
 WebP; GIF; BMP), the mean absolute difference in grey levels between what ingest stores
 (decode_image + resize_image) and Pillow's reference (exif_transpose, alpha on white,
-RGB, same resize). The cases and bounds are those of tests/test_image_fidelity.py.
+RGB, same resize). The cases and bounds are those of tests/unit/test_image_fidelity.py.
 
     python benchmarks/image_fidelity.py        # exit status 1 when a case is over its bound
 """

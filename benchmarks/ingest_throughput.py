@@ -98,7 +98,7 @@ def _free_port() -> int:
 def start_server(root: Path) -> tuple[subprocess.Popen, str]:
     """The image server in its own process, so it does not share a GIL with a client."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "data_pipeline.serve", str(root), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "demo.server", str(root), "--port", str(port)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         names = generate_corpus(root / "corpus", args.images, args.processes)
         exe = None if args.skip_i2d else ensure_i2d(args.i2d_venv)
         if args.baseline is not None and not (args.baseline / "cluster" / "cli.py").is_file():
-            p.error(f"--baseline {args.baseline}: not a checkout of this project (no cluster/cli.py)")
+            p.error(f"--baseline {args.baseline}: not a checkout of this project (no cluster/cli/main.py)")
         server, url = start_server(root / "corpus")
         try:
             table = root / f"urls-{args.images}.parquet"

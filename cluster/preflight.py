@@ -3,7 +3,7 @@
 system of the cluster, by `vlm cluster submit`. A mistake is then a ConfigError (exit
 status 2) naming the key, file or directory, in a second, instead of a traceback out of a
 worker group minutes later. The engine checks a resumed config again itself
-(vlm.config.check_resume_config), for `python -m vlm.engine` and remote checkpoints."""
+(vlm.config.check_resume_config), for `python -m vlm.train.trainer` and remote checkpoints."""
 from __future__ import annotations
 
 import os
@@ -33,7 +33,7 @@ def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     tag), whose saved config may differ from cfg only in RESUME_CHANGEABLE keys. Returns
     the checkpoint found (None: a fresh run, or one on a remote store, left to the
     workers, which check it as they load it)."""
-    from vlm.checkpoint import has_checkpoint, is_remote, load_trainer_state, locate
+    from vlm.checkpoint.store import has_checkpoint, is_remote, load_trainer_state, locate
 
     root = cfg.path(cfg.train.checkpoint_dir)
     if not resume:

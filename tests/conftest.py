@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.local_ray import use_loopback_only
+from cluster.ray.loopback import use_loopback_only
 
 use_loopback_only()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.config import CorpusConfig, IngestConfig
-from data_pipeline.reader import ReaderConfig
+from data_pipeline.shards.reader import ReaderConfig
 from vlm.models.config import ModelConfig
 from vlm.objectives.configs import AnyObjectiveConfig, ClipInfoNCEConfig
 
@@ -23,7 +23,7 @@ class Strict(BaseModel):
 
 
 class AugmentConfig(Strict):
-    """Two-view augmentation for image–image objectives (applied by vlm.augment)."""
+    """Two-view augmentation for image–image objectives (applied by vlm.data.augment)."""
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = Field(0.5, ge=0, le=1)
@@ -47,7 +47,7 @@ COLOUR_WORDS: tuple[str, ...] = (
 
 
 class ColourAugmentConfig(Strict):
-    """Caption-consistent greyscale augmentation (training only, applied by vlm.augment): a
+    """Caption-consistent greyscale augmentation (training only, applied by vlm.data.augment): a
     share of the samples is shown in greyscale, with every colour word of its caption,
     class label and region phrases renamed `grey_word`. A grey image of every shape makes
     the model read shape apart from colour, which is what lets a captioner name a colour
@@ -97,7 +97,7 @@ class TrainConfig(Strict):
     # derived from it (it must be a multiple of micro_batch_size × workers)
     global_batch_size: int | None = Field(None, ge=1)
     # batch-coupled objectives (InfoNCE, SigLIP, UniCL) over the whole global batch with
-    # the activations of one micro-batch (vlm/gradcache.py)
+    # the activations of one micro-batch (vlm/train/gradcache.py)
     grad_cache: bool = False
     steps: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
@@ -136,7 +136,7 @@ class MetricsConfig(Strict):
 
 
 class EvalConfig(Strict):
-    """Evaluation (vlm/evaluate.py): `vlm eval`, and every `every_steps` during training."""
+    """Evaluation (vlm/eval/runner.py): `vlm eval`, and every `every_steps` during training."""
     label_template: str = "{colour} {shape}"  # class label from shard metadata
     # zero-shot class names and prompts (README, "Class names and templates"): label value ->
     # class name, and templates with a {c} slot ({} still accepted). Empty: `vlm eval

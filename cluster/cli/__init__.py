@@ -1,0 +1,1 @@
+"""The `vlm` command line: one module per command group; each parses, checks and calls."""

@@ -1,0 +1,1 @@
+"""Curation of written shards: scoring, filtering, inspection."""

@@ -1,0 +1,1 @@
+"""Ingestion: URL+caption tables to webdataset shards."""

@@ -1,0 +1,1 @@
+"""The shard format: paths, atomic commit, committed-shard detection, writing and reading."""

@@ -1,0 +1,1 @@
+"""The demo: a synthetic corpus, its image server, the demo command's recipe."""

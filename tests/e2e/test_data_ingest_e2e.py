@@ -1,0 +1,289 @@
+"""`vlm data ingest` end to end: a hostile loopback server through Ray, retrying failed
+rows, reading the shards back with webdataset and the training reader, S3 on a loopback
+moto server, and a SIGKILLed driver resumed."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline.config import CorpusConfig, FetchConfig, IngestConfig
+from data_pipeline.ingest.driver import ingest
+from data_pipeline.shards.reader import ShardReader, list_shards
+from demo.server import ImageServer
+from demo.corpus import generate_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+VLM = str(Path(sys.executable).parent / "vlm")
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate_corpus(CorpusConfig(num_train=40, num_heldout=0, image_size=48),
+                           tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def server(corpus):
+    with ImageServer(corpus.root) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def private_server(corpus):
+    """A listener on 127.0.0.2 standing for an intranet host: it must never be asked."""
+    with ImageServer(corpus.root, host="127.0.0.2") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    moto_server = pytest.importorskip("moto.server")
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    env = {**AWS_ENV, "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before Ray starts, so its workers inherit it
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3):
+    import ray
+
+    from cluster.ray.loopback import loopback_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": {**loopback_env(), **s3}})
+    yield ray
+    ray.shutdown()
+
+
+def _paths(corpus) -> list[str]:
+    return [r["path"] for r in corpus.split("train")]
+
+
+def _cfg(**update) -> IngestConfig:
+    fetch = FetchConfig(deadline_s=1.0, connect_timeout_s=0.5, retries=1, backoff_s=0.05,
+                        allow_private_hosts=["127.0.0.1"], resolve={"intranet.test": ["127.0.0.2"]})
+    return IngestConfig(shard_size=8, threads=8, image_size=32, fetch=fetch,
+                        languages=["en"], min_language_score=0.2, **update)
+
+
+def _read_status(out: Path) -> list[dict]:
+    rows = []
+    for p in sorted(out.glob("[0-9]*.parquet")):
+        if not p.name.endswith("_scores.parquet"):
+            rows += pq.read_table(p).to_pylist()
+    return rows
+
+
+def _hostile_table(corpus, server, private_server, path: Path) -> dict[str, set[str]]:
+    """Good rows and one row per hostile case; returns url -> the reasons it may end in."""
+    paths = _paths(corpus)
+    base, h = server.url, server.hostile_urls()
+    b = server.broken_urls()
+    en = "a small {} picture on a plain background"
+    expect: dict[str, set[str]] = {}
+    rows = []
+
+    def add(url, reasons, caption=None):
+        rows.append({"url": url, "caption": caption or en.format(len(rows)), "row": len(rows)})
+        expect[url] = set(reasons)
+
+    for p in paths[:14]:
+        add(f"{base}/{p}", {None})
+    add(b["missing"], {"http_404"})
+    add(h["server_error"], {"http_500"})
+    add(b["never_answers"], {"timeout", "deadline"})
+    add(h["slow_drip"], {"deadline"})
+    add(b["truncated"], {"decode_error"})
+    add(b["not_an_image"], {"decode_error"})
+    add(h["empty"], {"empty_body"})
+    add(h["bomb"], {"too_many_pixels"})
+    add(h["redirect_loop"], {"too_many_redirects"})
+    add(f"{base}/optout/{paths[20]}", {"robots_optout"})
+    add(f"{base}/copy/a/{paths[0]}", {"duplicate"})  # same bytes as row 0, same shard
+    add(f"{base}/copy/b/{paths[1]}", {"duplicate"})  # same bytes as row 1, another shard
+    add(f"http://intranet.test:{private_server.url.rsplit(':', 1)[1]}/{paths[21]}", {"private_address"})
+    add(f"{base}/{paths[22]}", {"no_caption"}, caption="   ")
+    add(f"{base}/{paths[23]}", {"wrong_language"}, caption="une petite photo d'un chat noir sur la table")
+    add("ftp://example.invalid/x.jpg", {"bad_url"})
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return expect
+
+
+def test_hostile_corpus_every_row_one_status(ray_local, corpus, server, private_server, tmp_path):
+    table = tmp_path / "urls.parquet"
+    expect = _hostile_table(corpus, server, private_server, table)
+    out = tmp_path / "shards"
+    summary = ingest(str(table), str(out), _cfg(), progress=False)
+
+    rows = _read_status(out)
+    assert sorted(r["row"] for r in rows) == list(range(len(expect)))  # every row exactly once
+    for r in rows:
+        assert r["status"] in ("success", "failed")
+        assert (r["reason"] is None) == (r["status"] == "success")
+        assert r["reason"] in expect[r["url"]], (r["url"], r["reason"], r["error"])
+    assert private_server.request_count == 0  # refused before connecting
+    dup_of = {r["url"].rsplit("/", 1)[1]: r["error"] for r in rows if r["reason"] == "duplicate"}
+    assert len(dup_of) == 2 and all("same image as" in e for e in dup_of.values())
+
+    n_ok = sum(r["status"] == "success" for r in rows)
+    assert (summary.samples_success, summary.samples_failed) == (n_ok, len(rows) - n_ok) == (14, len(rows) - 14)
+    for stats_file in out.glob("*_stats.json"):
+        stats = json.loads(stats_file.read_text())
+        shard_rows = pq.read_table(out / stats_file.name.replace("_stats.json", ".parquet")).to_pylist()
+        assert stats["total"] == len(shard_rows)
+        assert stats["success"] == sum(r["status"] == "success" for r in shard_rows)
+        assert sum(stats["failures_by_reason"].values()) == stats["failed"]
+        with tarfile.open(out / stats_file.name.replace("_stats.json", ".tar")) as tar:
+            assert len([n for n in tar.getnames() if n.endswith(".jpg")]) == stats["success"]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+    # webdataset's own reader and the project's training reader see the same 14 samples
+    import webdataset as wds
+
+    tars = [str(p) for p in sorted(out.glob("*.tar"))]
+    seen = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert len(seen) == 14
+    assert all(s["jpg"].size == (32, 32) and s["json"]["status"] == "success" for s in seen)
+    reader = iter(ShardReader(list_shards(str(out)), shuffle_block=4))
+    keys = {next(reader)["__key__"] for _ in range(14)}
+    assert keys == {s["__key__"] for s in seen}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_retry_failed_refetches_only_transient_failures(ray_local, corpus, server, tmp_path):
+    paths = _paths(corpus)
+    port = _free_port()  # nothing listens here yet: connection_error
+    rows = [{"url": f"{server.url}/{p}", "caption": f"good {i}"} for i, p in enumerate(paths[24:30])]
+    rows += [{"url": f"http://127.0.0.1:{port}/{p}", "caption": f"late {i}"} for i, p in enumerate(paths[30:34])]
+    rows += [{"url": server.broken_urls()["missing"], "caption": "missing"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    out = tmp_path / "shards"
+    cfg = IngestConfig(shard_size=4, threads=4, fetch=FetchConfig(retries=0, allow_private_hosts=["127.0.0.1"]))
+    first = ingest(str(tmp_path / "t.parquet"), str(out), cfg, progress=False)
+    assert (first.samples_success, first.failures_by_reason) == (6, {"connection_error": 4, "http_404": 1})
+
+    before = {p: server.requests_for("/" + p) for p in paths[24:30]}
+    missing_before = server.requests_for("/broken/missing.jpg")
+    with ImageServer(corpus.root, port=port) as late:
+        retry = ingest(str(tmp_path / "t.parquet"), str(out), cfg, progress=False, retry_failed=True)
+        assert late.request_count == 4
+    assert retry.samples_fetched == 4  # only the transient failures
+    assert {p: server.requests_for("/" + p) for p in paths[24:30]} == before
+    assert server.requests_for("/broken/missing.jpg") == missing_before
+    status = _read_status(out)
+    assert len(status) == len(rows) and sum(r["status"] == "success" for r in status) == 10
+    assert len(list(iter_all(out))) == 10  # old and new images together in the tars
+
+    again = ingest(str(tmp_path / "t.parquet"), str(out), cfg, progress=False, retry_failed=True)
+    assert again.samples_fetched == 0  # only the 404 is left, not transient
+
+
+def iter_all(out: Path):
+    from data_pipeline.shards.reader import iter_tar_samples
+
+    for tar in list_shards(str(out)):
+        yield from iter_tar_samples(tar)
+
+
+def test_s3_input_and_output(ray_local, corpus, server, s3):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("vlm-test")
+    rows = [{"url": f"{server.url}/{p}", "caption": f"picture {i}"} for i, p in enumerate(_paths(corpus)[:10])]
+    with fs.open("vlm-test/in/urls.jsonl", "wb") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows).encode())
+    cfg = IngestConfig(shard_size=4, threads=4, fetch=FetchConfig(retries=0, allow_private_hosts=["127.0.0.1"]))
+    summary = ingest("s3://vlm-test/in/urls.jsonl", "s3://vlm-test/shards", cfg, progress=False)
+    assert (summary.shards_written, summary.samples_success) == (3, 10)
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("vlm-test/shards", detail=False))
+    assert names == [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    shards = list_shards("s3://vlm-test/shards")
+    reader = iter(ShardReader(shards, shuffle_block=2))
+    assert len({next(reader)["__key__"] for _ in range(10)}) == 10
+    rerun = ingest("s3://vlm-test/in/urls.jsonl", "s3://vlm-test/shards", cfg, progress=False)
+    assert rerun.shards_skipped == 3
+
+
+def test_sigkill_driver_then_rerun_has_every_row_once(ray_local, corpus, server, tmp_path):
+    paths = _paths(corpus)
+    rows = [{"url": f"{server.url}/{p}", "caption": f"picture number {i}", "row": i} for i, p in enumerate(paths)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    out = tmp_path / "shards"
+    # The drivers join the test's Ray instance, as a driver on a cluster would (and skip
+    # starting one of their own twice); the kill takes the driver alone.
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [VLM, "data", "ingest", "--input", str(tmp_path / "t.parquet"), "--output", str(out),
+           "--no-progress", "--metrics-port", "-1", "--ray-address", address,
+           "--set", "data.ingest.shard_size=4", "--set", "data.ingest.threads=2",
+           "--set", "data.ingest.fetch.rate_limit_per_domain=12",
+           "--set", "data.ingest.fetch.allow_private_hosts=[127.0.0.1]"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert list(out.glob("*_stats.json")), "no shard committed within 90 s"
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        with_group_killed(proc)
+    committed_before = len(list(out.glob("*_stats.json")))
+    assert committed_before < 10
+    for tar in out.glob("*.tar"):  # whatever is named *.tar is a whole tar
+        with tarfile.open(tar) as t:
+            t.getmembers()
+    assert not [p for p in out.iterdir() if p.suffix == ".tar" and ".tmp-" in p.name]
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    # a task already running when the driver died may still commit its shard: never fewer skipped
+    skipped = int(re.search(r"(\d+) skipped", rerun.stdout).group(1))
+    assert committed_before <= skipped < 10
+    status = _read_status(out)
+    assert sorted(r["row"] for r in status) == list(range(len(rows)))
+    assert all(r["status"] == "success" for r in status)
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert len(list_shards(str(out))) == 10
+    assert sorted(s["json"]["row"] for s in iter_all(out)) == list(range(len(rows)))
+
+
+def with_group_killed(proc: subprocess.Popen) -> None:
+    """The killed driver's own Ray processes (its session) go too, so nothing outlives the test."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)

@@ -1,0 +1,226 @@
+"""Checkpoints and resume of the real engine, launched without Ray (`python -m vlm.train.trainer`
+per rank, as torchrun would): SIGKILL mid-run and an exact resume, a change of world size
+in both directions, a corrupt newest checkpoint, SIGTERM, and checkpoints on S3 (moto's
+server on 127.0.0.1). Tiny model, a few dozen steps per run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support.shardgen import TINY_MODEL, set_args, shards_with_tokenizer
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+# global batch 32 with the gradient cache, so the contrastive batch is the same at any
+# world size (and the loss comparable); it learns visibly within 16 steps
+BASE = [*TINY_MODEL, "train.micro_batch_size=16", "train.global_batch_size=32", "train.grad_cache=true",
+        "optim.lr=3e-3", "optim.warmup_steps=3", "train.log_every=1", "metrics.enabled=false",
+        "eval.every_steps=0", "train.zero_stage=2", "train.keep_checkpoints=0"]
+STEPS, EVERY = 16, 6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, data: Path, world: int, *sets: str, resume: str | None = None,
+           env: dict | None = None) -> list[subprocess.Popen]:
+    """`world` processes of one run, each a rank, as a torchrun-style launcher starts them."""
+    port = free_port()
+    args = [sys.executable, "-m", "vlm.train.trainer", "--config", "configs/demo.yaml",
+            *set_args(*BASE, f"run_dir={run_dir}", f"data.train_shards={data}", *sets)]
+    if resume:
+        args += ["--resume", resume]
+    procs = []
+    for rank in range(world):
+        e = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        log = open(run_dir / f"rank{rank}.{time.monotonic_ns()}.out", "w")
+        procs.append(subprocess.Popen(args, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def run(run_dir: Path, data: Path, world: int, *sets: str, resume: str | None = None, env=None,
+        timeout: float = 300) -> str:
+    """Runs to the end; returns every rank's output of this and earlier launches."""
+    procs = launch(run_dir, data, world, *sets, resume=resume, env=env)
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = "\n".join(f.read_text() for f in sorted(run_dir.glob("rank*.out")))
+    assert all(p.returncode == 0 for p in procs), out[-6000:]
+    return out
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> total loss, the last record of each step (a resumed run logs steps again)."""
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss/total"]
+    return out
+
+
+def new_run(tmp: Path, name: str, tokenizer: Path) -> Path:
+    d = tmp / name
+    d.mkdir()
+    shutil.copy(tokenizer, d / "tokenizer.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shards_with_tokenizer(tmp_path_factory.mktemp("engine"), n=480, per_shard=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data):
+    root, shards, tok = data
+    d = new_run(root, "whole", tok)
+    run(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}")
+    return d
+
+
+def test_sigkill_then_resume_follows_the_uninterrupted_trajectory_bitwise(data, uninterrupted):
+    root, shards, tok = data
+    d = new_run(root, "killed", tok)
+    procs = launch(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}")
+    latest = d / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not latest.is_file() and all(p.poll() is None for p in procs):
+        time.sleep(0.02)
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+    assert latest.is_file(), "no checkpoint before the deadline"
+    assert max(losses(d)) < STEPS, "the run finished before it was killed: nothing was tested"
+    saved = int(latest.read_text().removeprefix("step_"))
+    out = run(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", resume="latest")
+    assert "resumed from" in out and f"at step {saved}" in out
+    whole, again = losses(uninterrupted), losses(d)
+    assert sorted(again) == list(range(1, STEPS + 1))
+    for step in range(saved + 1, STEPS + 1):  # after the resume: the same floats
+        assert again[step] == whole[step], f"step {step}: {again[step]!r} != {whole[step]!r}"
+    assert whole[STEPS] < whole[1]
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_at_another_world_size_carries_the_optimizer_state(data, uninterrupted, before, after):
+    root, shards, tok = data
+    if before == 2:
+        d = root / "shrink"
+        shutil.copytree(uninterrupted, d)
+    else:
+        d = new_run(root, "grow", tok)
+        run(d, shards, 1, f"train.steps={STEPS}", f"train.checkpoint_every={STEPS}")
+    start = STEPS
+    out = run(d, shards, after, f"train.steps={start + 4}", resume="latest")
+    assert f"saved by {before} worker(s)" in out and "universal format" in out
+    assert f"optimizer state restored (Adam step {start})" in out
+    curve = losses(d)
+    assert sorted(curve)[-1] == start + 4
+    learned = curve[1] - curve[start]
+    assert learned > 0.3, curve  # it trained, so a restart from scratch would show
+    # continuous: the step after the change stays near where the run was, not back at the start
+    assert abs(curve[start + 1] - curve[start]) < 0.5 * learned, curve
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_says_which_file(data, uninterrupted):
+    root, shards, tok = data
+    d = root / "corrupt"
+    shutil.copytree(uninterrupted, d)
+    newest = d / "checkpoints" / f"step_{STEPS:08d}"
+    victim = next(newest.glob("zero_pp_rank_1_*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    out = run(d, shards, 2, f"train.steps={STEPS + 2}", resume="latest")
+    assert f"{victim.name} does not match its manifest" in out
+    assert "resumed from" in out and f"at step {STEPS // EVERY * EVERY}" in out
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data):
+    root, shards, tok = data
+    d = new_run(root, "term", tok)
+    procs = launch(d, shards, 1, "train.steps=100000", "train.checkpoint_every=100000")
+    log = d / "train_log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and procs[0].poll() is None and \
+            (not log.is_file() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    procs[0].send_signal(signal.SIGTERM)
+    procs[0].wait(timeout=120)
+    out = "\n".join(f.read_text() for f in d.glob("rank*.out"))
+    assert procs[0].returncode == 128 + signal.SIGTERM, out[-4000:]  # stopped by a signal, saved
+    step = max(losses(d))
+    assert "stop requested (SIGTERM)" in out
+    assert (d / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("ckpts")
+    yield fs, env
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+def test_checkpoints_on_s3_save_and_resume(data, s3):
+    fs, env = s3
+    root, shards, tok = data
+    d = new_run(root, "s3run", tok)
+    url = "s3://ckpts/run1"
+    run(d, shards, 1, "train.steps=6", "train.checkpoint_every=3", f"train.checkpoint_dir={url}", env=env)
+    assert fs.cat_file("ckpts/run1/latest").decode() == "step_00000006"
+    manifest = json.loads(fs.cat_file("ckpts/run1/step_00000006/manifest.json"))
+    assert "trainer_state.pt" in manifest["files"] and any(n.endswith("optim_states.pt") for n in manifest["files"])
+    assert not (d / "checkpoints").exists()  # nothing kept locally but the staging area, emptied
+    # corrupt the newest on S3: the resume downloads, detects it and takes the previous one
+    fs.pipe_file("ckpts/run1/step_00000006/trainer_state.pt", b"garbage")
+    out = run(d, shards, 1, "train.steps=8", f"train.checkpoint_dir={url}", resume="latest", env=env)
+    assert "trainer_state.pt does not match its manifest" in out
+    assert "at step 3" in out
+    assert fs.cat_file("ckpts/run1/latest").decode() == "step_00000008"
+
+
+def test_optimizer_offload_trains_and_resumes(data):
+    root, shards, tok = data
+    d = new_run(root, "offload", tok)
+    run(d, shards, 1, "train.steps=3", "train.checkpoint_every=2", "train.zero_stage=3",
+        "train.offload_optimizer=true")
+    out = run(d, shards, 1, "train.steps=4", "train.zero_stage=3", "train.offload_optimizer=true", resume="latest")
+    assert "at step 3" in out and "optimizer state restored (Adam step 3)" in out
+    assert sorted(losses(d)) == [1, 2, 3, 4]

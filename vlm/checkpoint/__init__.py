@@ -1,0 +1,1 @@
+"""Checkpoints: store, discover, verify, inspect and export."""

@@ -1,0 +1,1 @@
+"""Training batches: shard samples to tensors, augmentation, the tokenizer."""

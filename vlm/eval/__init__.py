@@ -1,0 +1,1 @@
+"""Evaluation protocols: zero-shot, retrieval, linear probe, dense, generative."""

@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics of training, the monitor, run reports."""

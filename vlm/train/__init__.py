@@ -1,0 +1,1 @@
+"""Training: the Trainer, the module DeepSpeed wraps, the gradient cache and rendezvous."""

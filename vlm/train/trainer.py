@@ -1,0 +1,548 @@
+"""The training engine: DeepSpeed ZeRO around the pure-torch model, run on every rank.
+
+Runs under plain torch.distributed (a launcher has already created the process group, or
+there is none and we start a 1-process gloo group). Ray lives in cluster/, never here."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import select
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from data_pipeline.shards.reader import build_reader
+from vlm.checkpoint import store as checkpoint
+from vlm.train import gradcache
+from vlm.config import RunConfig, check_resume_config, dump_config
+from vlm.data.batches import BadDataError, BatchLoader
+from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
+from vlm.observe.metrics import BAD_REASONS, TrainMetrics
+from vlm.models import build_clip
+from vlm.objectives import build_objective
+from vlm.train.module import Pretrainer
+from vlm.data.tokenizer import TextEncoder
+
+NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "positional_embedding")
+TOKENIZER_FILE = "tokenizer.json"
+EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
+                 "dense/dense_miou")
+TRAIN_LOG = "train_log.jsonl"
+# exit status when a second signal, or the end of train.stop_grace_s, ends a run before its
+# save (docs/checkpoints.md, "Stopping and restarts"); a clean stop exits with 128 + signum
+FORCED_EXIT = 1
+
+
+def lr_lambda(cfg) -> callable:
+    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the base lr."""
+    o, steps = cfg.optim, cfg.train.steps
+
+    def f(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases, positional embeddings, the class token, and the
+    objectives' temperatures and logit biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool, *, load_universal: bool = False) -> dict:
+    t = cfg.train
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
+    accum = t.accum_steps(world_size)
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        # offload with the run's own torch AdamW (DeepSpeedCPUAdam needs a compiled op)
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": bf16},
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def ensure_process_group() -> tuple[int, int]:
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        # not dist.init_process_group's env://: its store would listen on every interface
+        from vlm.train.rendezvous import init_from_env
+
+        init_from_env("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def forward_flops_per_sample(cfg: RunConfig, vocab_size: int) -> float | None:
+    """For model FLOPs utilisation on a GPU; measured on the meta device, costs no memory."""
+    from vlm.models.registry import describe
+
+    try:
+        return describe(cfg.model, vocab_size)["flops_total"]
+    except Exception as e:  # MFU is a nicety: never fail a run over it
+        print(f"warning: could not count FLOPs per sample ({e}); no MFU metric", flush=True)
+        return None
+
+
+def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
+    model = build_clip(cfg.model, vocab_size)
+    pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
+    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim, model=model,
+                                  vocab_size=vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
+    return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
+
+
+class Trainer:
+    """One rank's run: __init__ builds the engine, the reader and the exporter (and resumes);
+    run() takes optimizer steps until cfg.train.steps, logging, evaluating and saving."""
+
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None,
+                 should_stop: Callable[[], bool] | None = None):
+        """resume: None (a fresh run), 'auto' (the newest complete checkpoint when there is
+        one, else a fresh run: what a restarted worker group or a resubmitted job wants),
+        'latest', a tag or a path. should_stop: polled once per step by rank 0 (one read
+        per step for the whole run, not one per worker); like a SIGTERM on any rank, a True
+        makes every rank save and stop (the Ray job launcher's stop request reaches the
+        workers through it)."""
+        import deepspeed  # imported late: it inspects the accelerator at import time
+
+        self.cfg = cfg
+        self.rank, self.world_size = ensure_process_group()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.set_num_threads(cfg.train.threads_per_worker)
+        seed_everything(cfg.train.seed + self.rank)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_root = cfg.path(cfg.train.checkpoint_dir)
+        self.on_gpu = torch.cuda.is_available()
+        self.accum = cfg.train.accum_steps(self.world_size)
+        self.global_batch = cfg.train.micro_batch_size * self.accum * self.world_size
+        self.stop_requested, self.stop_reason = False, ""
+        self.should_stop = should_stop
+        self.signals: list[int] = []  # signals received by this process (main thread only)
+        self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
+        self.last_checkpoint: str | None = None
+
+        tok_path = self.run_dir / TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
+        self.tokenizer_json = tok_path.read_text()
+        self.text = TextEncoder.from_json(self.tokenizer_json, cfg.model.text.context_length)
+
+        model = build_pretrainer(cfg, self.text.vocab_size)
+        if cfg.train.grad_cache and not model.coupled:
+            raise ValueError("train.grad_cache is on but no objective is batch-coupled "
+                             f"({', '.join(o.name for o in cfg.objectives)}): turn it off")
+        if resume == "auto":
+            found = self.rank == 0 and checkpoint.has_checkpoint(self.ckpt_root)
+            resume = "latest" if self._broadcast(found) else None
+        ckpt, state = self._locate(resume) if resume else (None, None)
+        universal = (state is not None and state["world_size"] != self.world_size and cfg.train.zero_stage > 0)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                      betas=cfg.optim.betas, eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, self.world_size, self.on_gpu, load_universal=universal))
+        reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=self.rank,
+                              world_size=self.world_size, seed=cfg.train.seed, expand=cfg.path)
+        self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
+                                  image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
+                                  views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
+                                  needs=model.needs, colour=cfg.data.colour_augment,
+                                  max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
+                                  bad_window=cfg.data.bad_sample_window)
+        self.step, self.samples_seen = 0, 0
+        if resume:
+            self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
+        elif self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.metrics = self._start_metrics() if cfg.metrics.enabled else None
+
+    def _say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def _broadcast(self, obj):
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _locate(self, resume: str) -> tuple[Path, dict]:
+        """--resume latest|TAG|PATH -> (a verified local checkpoint dir, its trainer state).
+        Rank 0 resolves (downloading a remote one into {run_dir}/.ckpt_cache) and tells the
+        others, so every rank loads the same checkpoint even when it falls back."""
+        found: tuple[str | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                path = checkpoint.locate(resume, self.ckpt_root, cache=self.run_dir / ".ckpt_cache", warn=self._say)
+                found = (str(path), None)
+            except (FileNotFoundError, ValueError) as e:
+                found = (None, str(e))
+        path, error = self._broadcast(found)
+        if error:
+            raise FileNotFoundError(error)
+        state = checkpoint.load_trainer_state(Path(path))
+        check_resume_config(state.get("config"), self.cfg, checkpoint=path)  # every rank: all stop together
+        return Path(path), state
+
+    def _to_universal(self, ckpt: Path, state: dict) -> Path:
+        """A ZeRO checkpoint saved at another world size -> DeepSpeed's universal format
+        (converted once per node, cached beside the run), which it loads at any size."""
+        out = self.run_dir / ".universal" / ckpt.name
+        if self.local_rank == 0 and not (out / "zero").is_dir():
+            from argparse import Namespace
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            self._say(f"checkpoint {ckpt.name} was saved by {state['world_size']} worker(s), this run has "
+                      f"{self.world_size}: converting it to DeepSpeed's universal format in {out}")
+            tmp = out.with_name(out.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            checkpoint.check_files(ckpt)  # on every node that converts: it reads every file
+            with checkpoint.weights_only_loads():  # one extract worker: in this process
+                ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
+                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                          inject_missing_state=False))
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+        if self.world_size > 1:
+            dist.barrier()
+        return out
+
+    def _restore(self, ckpt: Path, state: dict) -> None:
+        checkpoint.check_files(ckpt)  # every rank, before DeepSpeed opens anything (a cached universal copy too)
+        with checkpoint.weights_only_loads():
+            load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+        ranks = state["ranks"]
+        if state["world_size"] == self.world_size:
+            mine = ranks[self.rank]
+            self.loader.load_state_dict(mine["reader"])
+            checkpoint.set_rng_state(mine["rng"])
+        else:
+            self.loader.load_rank_states([r["reader"] for r in ranks])
+            seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
+        self.step, self.samples_seen = state["step"], state["samples_seen"]
+        self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s)); "
+                  f"optimizer state restored (Adam step {self._optimizer_steps()})")
+
+    def _optimizer_steps(self) -> int:
+        """Adam's step count in the (possibly ZeRO-wrapped) optimizer: 0 for a fresh one."""
+        opt = self.engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        steps = [int(st["step"]) for st in getattr(inner, "state", {}).values() if "step" in st]
+        return max(steps, default=0)
+
+    def _start_metrics(self) -> TrainMetrics:
+        cfg = self.cfg
+        flops = forward_flops_per_sample(cfg, self.text.vocab_size) if self.on_gpu else None
+        metrics = TrainMetrics(run=cfg.name, rank=self.rank, host=cfg.metrics.host, port=cfg.metrics.port,
+                               objectives=[o.name for o in cfg.objectives], flops_per_sample=flops)
+        metrics.write_endpoint(str(self.run_dir), self.rank)
+        print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
+        return metrics
+
+    def _device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step (self.accum micro-batches per rank); returns what to record.
+        Losses are the step's: averaged over micro-batches (with the gradient cache, the
+        coupled ones are computed once on the global batch)."""
+        t0 = time.perf_counter()
+        wait, skipped_before, bad = 0.0, self.engine.skipped_steps, Counter()
+        if self.cfg.train.grad_cache:
+            batches = []
+            for _ in range(self.accum):
+                batches.append(self._device(self.loader.next_batch()))
+                wait += self.loader.last_wait_s
+                bad.update(self.loader.last_bad)
+            r = gradcache.cached_step(self.engine, batches)
+            self.engine.step()
+            losses, diagnostics = {"total": r["total"], **r["losses"]}, r["diagnostics"]
+        else:
+            losses, diagnostics = {}, {}
+            for _ in range(self.accum):
+                batch = self.loader.next_batch()
+                wait += self.loader.last_wait_s
+                bad.update(self.loader.last_bad)
+                out = self.engine(self._device(batch))
+                self.engine.backward(out["loss"])
+                self.engine.step()
+                for k, v in out.items():
+                    if "/" in k:
+                        diagnostics[k] = float(v)
+                    else:
+                        name = "total" if k == "loss" else k
+                        losses[name] = losses.get(name, 0.0) + float(v.detach()) / self.accum
+        self.step += 1
+        self.samples_seen += self.global_batch
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"losses": losses, "diagnostics": diagnostics,
+                "step_s": time.perf_counter() - t0, "wait_s": wait, "lr": self.engine.get_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "skipped": self.engine.skipped_steps > skipped_before, "bad_samples": dict(bad)}
+
+    def record(self, r: dict, log) -> None:
+        if self.metrics:
+            self.metrics.record_step(step=self.step, samples=self.global_batch / self.world_size, **r)
+        last = self.step == self.cfg.train.steps
+        if not (self.step % self.cfg.train.log_every == 0 or last):
+            return
+        bad = self._bad_sample_totals()  # collective: every rank logs on the same steps
+        if log is None:
+            return
+        rate = self.global_batch / r["step_s"]
+        rec = {"step": self.step, "samples": self.samples_seen, "lr": r["lr"], "step_s": r["step_s"],
+               "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
+               **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"step {self.step}/{self.cfg.train.steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "
+              f"{rate:.0f} samples/s", flush=True)
+
+    def _bad_sample_totals(self) -> dict[str, int]:
+        """Bad samples skipped so far by every rank, for the step log: "bad_samples" and
+        "bad_samples/REASON" (vlm.observe.metrics.BAD_REASONS)."""
+        counts = torch.tensor([float(self.loader.bad_counts.get(r, 0)) for r in BAD_REASONS])
+        if self.world_size > 1:
+            dist.all_reduce(counts)
+        totals = {f"bad_samples/{r}": int(n) for r, n in zip(BAD_REASONS, counts.tolist())}
+        return {"bad_samples": sum(totals.values()), **totals}
+
+    def save(self) -> None:
+        """Collective. Training stalls for the duration, exported as
+        vlm_checkpoint_save_duration_seconds and printed."""
+        t0 = time.perf_counter()
+        shared = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.model_dump(mode="json"),
+                  "tokenizer": self.tokenizer_json, "world_size": self.world_size,
+                  "zero_stage": self.cfg.train.zero_stage}
+        path = checkpoint.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
+                               rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()},
+                               staging=self.run_dir / ".ckpt_staging")
+        stall = time.perf_counter() - t0
+        self.last_checkpoint = checkpoint.tag_for_step(self.step)
+        if self.metrics:
+            self.metrics.record_checkpoint(stall)
+        self._say(f"checkpoint {path} (training stalled {stall:.2f}s)")
+        if self.rank == 0:
+            keep = self.cfg.train.keep_checkpoints
+            removed = (checkpoint.prune_remote(self.ckpt_root, keep) if checkpoint.is_remote(self.ckpt_root)
+                       else checkpoint.prune(Path(self.ckpt_root), keep))
+            for old in removed:
+                self._say(f"removed old checkpoint {old}")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """SIGTERM or SIGINT: flags only; the loop saves at the end of the step, and
+        _watch_grace ends the process on a second signal or when the grace period is over."""
+        self.signals.append(signum)
+        self.stop_requested, self.stop_reason = True, signal.Signals(signum).name
+
+    def _watch_grace(self, wakeup: int, done: threading.Event) -> None:
+        """On a thread: after a first signal, waits cfg.train.stop_grace_s for the save; a
+        second signal or the end of the grace period exits at once (FORCED_EXIT). It learns
+        of signals from the wakeup fd, written by the interpreter's C-level handler the
+        moment one arrives: the Python handler waits until the main thread leaves the
+        C call it is in (a step, a collective), which may be what hangs."""
+        received, deadline, grace = b"", None, self.cfg.train.stop_grace_s
+        try:
+            while not done.is_set():
+                if select.select([wakeup], [], [], 0.2)[0]:
+                    received += os.read(wakeup, 64)
+                if received and deadline is None:
+                    deadline = time.monotonic() + grace
+                late = deadline is not None and time.monotonic() > deadline
+                if (len(received) > 1 or late) and not done.is_set():
+                    why = (f"{signal.Signals(received[1]).name} again" if len(received) > 1 else
+                           f"no checkpoint within train.stop_grace_s={grace:g}s")
+                    print(f"rank {self.rank}: {why}: exiting now, without a checkpoint at this step "
+                          f"(status {FORCED_EXIT})", flush=True)
+                    os._exit(FORCED_EXIT)
+        finally:
+            os.close(wakeup)
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank was asked to stop (SIGTERM, SIGINT, should_stop): all ranks must
+        save together. The flag carries the signal's number, so that every rank, signalled or
+        not, knows it (for its exit status)."""
+        if self.should_stop is not None and self.rank == 0 and not self.stop_requested and self.should_stop():
+            self.stop_requested, self.stop_reason = True, "the job was asked to stop"
+        flag = torch.tensor([float(self.signals[0]) if self.signals else 1.0 if self.stop_requested else 0.0])
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 1:
+            self.stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def evaluate(self) -> None:
+        """Collective: every rank embeds its share of the eval set; all get the same figures."""
+        t0 = time.perf_counter()
+        results = evaluate_distributed(self.engine.module.model, self.text, self.cfg, rank=self.rank,
+                                       world_size=self.world_size)
+        if self.rank == 0:
+            append_eval_log(self.run_dir, self.step, results)
+        headline = {k: v for k, v in flat_metrics(results).items() if k in EVAL_HEADLINE}
+        self._say(f"eval at step {self.step} ({time.perf_counter() - t0:.1f}s): "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in headline.items()))
+        if self.metrics:
+            self.metrics.record_eval(results, step=self.step)
+
+    def run(self) -> dict:
+        """Steps until cfg.train.steps; on SIGTERM or SIGINT (a preemption, Ctrl-C, `kill`)
+        every rank finishes its step, a checkpoint is saved and the run ends early
+        ("stopped"). The logs first lose any rows past the step this run starts from (a
+        resumed or restarted run logs those steps again)."""
+        cfg = self.cfg
+        if self.rank == 0:
+            for name in (TRAIN_LOG, EVAL_LOG):
+                truncate_log(self.run_dir / name, self.step)
+        log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
+        last_saved, stopped = self.step, False
+        previous, done, pipe, old_wakeup = {}, threading.Event(), None, -1
+        if threading.current_thread() is threading.main_thread():
+            # not inside a Ray Train worker (a thread): there the driver handles signals
+            previous = {s: signal.signal(s, self._on_sigterm) for s in (signal.SIGTERM, signal.SIGINT)}
+            pipe = os.pipe()
+            os.set_blocking(pipe[1], False)
+            old_wakeup = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
+            threading.Thread(target=self._watch_grace, args=(pipe[0], done), name="stop-grace",
+                             daemon=True).start()
+        try:
+            while self.step < cfg.train.steps:
+                self.record(self.train_step(), log)
+                if cfg.eval.every_steps and (self.step % cfg.eval.every_steps == 0 or self.step == cfg.train.steps):
+                    self.evaluate()
+                if self._agree_to_stop():
+                    self._say(f"stop requested ({self.stop_reason or 'by another worker'}): saving at step {self.step}")
+                    stopped = True
+                    break
+                if self.step % cfg.train.checkpoint_every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                    last_saved = self.step
+            if last_saved != self.step:
+                self.save()
+        finally:
+            done.set()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if pipe is not None:
+                signal.set_wakeup_fd(old_wakeup)
+                os.close(pipe[1])  # the read end stays open for the watcher, which ends within 0.2 s
+            if log:
+                log.close()
+            if self.metrics:
+                self.metrics.close()
+        return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
+                "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the rows of a JSON-lines log past `step` (and a line cut short by a kill),
+    atomically: the log keeps exactly one row per step however often a run resumes."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None,
+          on_started: Callable[[], None] | None = None) -> dict:
+    """Runs cfg.train.steps optimizer steps on this rank. Returns a summary on every rank
+    (step, stopped, the tag of the last checkpoint it saved, the signal that stopped it).
+    on_started: called once the engine is built and any checkpoint restored."""
+    trainer = Trainer(cfg, resume=resume, should_stop=should_stop)
+    if on_started is not None:
+        on_started()
+    return trainer.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank of a run without Ray: under torchrun (or any launcher setting RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or alone as a single process."""
+    import argparse
+
+    from vlm.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="python -m vlm.train.trainer", description=main.__doc__)
+    ap.add_argument("--config", metavar="FILE", help="YAML config (default: the embedded defaults)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable)")
+    ap.add_argument("--resume", metavar="auto|latest|TAG|PATH",
+                    help="continue from a checkpoint (auto: the newest one if there is one, else start)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"python -m vlm.train.trainer: {e}")
+        return 2
+    try:
+        summary = train(cfg, resume=args.resume)
+    except BadDataError as e:  # mostly broken shards: say which, no traceback
+        print(f"python -m vlm.train.trainer: error: {e}", flush=True)
+        return 1
+    except ConfigError as e:  # e.g. a resume whose config changed keys the checkpoint fixes
+        print(f"python -m vlm.train.trainer: {e}", flush=True)
+        return 2
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if summary["stopped"] and summary["signal"] is not None:
+        if summary["rank"] == 0:
+            print(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}", flush=True)
+        return 128 + summary["signal"]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -431,7 +431,7 @@ def cmd_list(args) -> int:
 
 def cmd_run(args) -> int:
     """The job's entrypoint (a Ray job driver)."""
-    from cluster.cli.main import prepare_tokenizer
+    from vlm.data.tokenizer import prepare_tokenizer
     from cluster.ray.train import run_supervised
     from cluster.preflight import check_train
     from cluster.ray.session import worker_env

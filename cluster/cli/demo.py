@@ -14,7 +14,7 @@ def _banner(text: str) -> None:
 
 
 def run_demo(cfg: RunConfig, *, overwrite: bool = False, config_path: str | None = None) -> int:
-    from cluster.cli.main import prepare_tokenizer
+    from vlm.data.tokenizer import prepare_tokenizer
     from cluster.ray.train import run_training
     from cluster.ray.session import ray_session
     from data_pipeline.ingest.driver import ingest

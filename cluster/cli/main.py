@@ -130,20 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def prepare_tokenizer(cfg) -> None:
-    from pathlib import Path
-
-    from vlm.train.trainer import TOKENIZER_FILE
-    from vlm.data.tokenizer import ensure_tokenizer
-
-    path = Path(cfg.run_dir) / TOKENIZER_FILE
-    colour = cfg.data.colour_augment
-    if ensure_tokenizer(cfg.path(cfg.data.train_shards), path, vocab_size=cfg.tokenizer.vocab_size,
-                        min_frequency=cfg.tokenizer.min_frequency,
-                        extra_words=[colour.grey_word] if colour.enabled else []):
-        print(f"trained a BPE tokenizer on the training captions: {path}")
-
-
 def cmd_train(args) -> int:
     from cluster.preflight import check_train
 
@@ -153,6 +139,7 @@ def cmd_train(args) -> int:
     check_train(cfg, args.resume)
     from cluster.ray.train import run_supervised
     from cluster.ray.session import ray_session
+    from vlm.data.tokenizer import prepare_tokenizer
 
     if not args.resume:
         prepare_tokenizer(cfg)

@@ -223,7 +223,7 @@ def test_inspect_reports_the_bomb_and_does_not_crash(shards, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def engine_data(shards, tmp_path_factory):
-    from cluster.cli.main import prepare_tokenizer
+    from vlm.data.tokenizer import prepare_tokenizer
     from vlm.config import load_config
 
     root = tmp_path_factory.mktemp("bad_engine")

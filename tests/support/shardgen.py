@@ -48,7 +48,7 @@ def set_args(*overrides: str) -> list[str]:
 def shards_with_tokenizer(root: Path, *, n: int, per_shard: int) -> tuple[Path, Path, Path]:
     """Training shards under root/shards and the BPE tokenizer the tiny model's runs share
     (trained once on their captions) -> (root, shards, tokenizer.json)."""
-    from cluster.cli.main import prepare_tokenizer
+    from vlm.data.tokenizer import prepare_tokenizer
     from vlm.config import load_config
 
     shards = root / "shards"

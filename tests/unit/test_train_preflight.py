@@ -19,7 +19,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from cluster.cli.main import main, prepare_tokenizer
+from cluster.cli.main import main
+from vlm.data.tokenizer import prepare_tokenizer
 from cluster.cli.cluster import JOB_CONFIG, _stage, check_resubmission, resolve_submission
 from cluster.preflight import check_train
 from support.shardgen import write_shards

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 PAD, SOT, EOT = "<pad>", "<sot>", "<eot>"
+TOKENIZER_FILE = "tokenizer.json"  # in the run directory
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -77,3 +78,16 @@ def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequenc
     tmp.write_text(tok.to_str())
     tmp.replace(out_path)
     return True
+
+
+def prepare_tokenizer(cfg) -> None:
+    """The run's tokenizer in its run directory: trained on the training captions (plus the
+    colour augmentation's words) unless one is there already; says so when it trains one."""
+    from pathlib import Path
+
+    path = Path(cfg.run_dir) / TOKENIZER_FILE
+    colour = cfg.data.colour_augment
+    if ensure_tokenizer(cfg.path(cfg.data.train_shards), path, vocab_size=cfg.tokenizer.vocab_size,
+                        min_frequency=cfg.tokenizer.min_frequency,
+                        extra_words=[colour.grey_word] if colour.enabled else []):
+        print(f"trained a BPE tokenizer on the training captions: {path}")

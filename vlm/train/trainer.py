@@ -33,10 +33,9 @@ from vlm.observe.metrics import BAD_REASONS, TrainMetrics
 from vlm.models import build_clip
 from vlm.objectives import build_objective
 from vlm.train.module import Pretrainer
-from vlm.data.tokenizer import TextEncoder
+from vlm.data.tokenizer import TOKENIZER_FILE, TextEncoder
 
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "positional_embedding")
-TOKENIZER_FILE = "tokenizer.json"
 EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
                  "dense/dense_miou")
 TRAIN_LOG = "train_log.jsonl"

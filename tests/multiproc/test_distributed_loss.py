@@ -3,8 +3,8 @@
 
 import torch
 
-from vlm.objectives import (OBJECTIVES, ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig,
-                            build_objective)
+from vlm.objectives.configs import ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig, UniCLConfig
+from vlm.objectives.registry import OBJECTIVES, build_objective
 
 from support.multiproc import run_ranks
 

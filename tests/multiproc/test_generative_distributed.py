@@ -5,9 +5,10 @@ the two runs draw the same negatives; one image shared by the halves checks the 
 
 import torch
 
-from vlm.models import build_model
 from vlm.models.config import ModelConfig
-from vlm.objectives import ITMConfig, build_objective
+from vlm.models.registry import build_model
+from vlm.objectives.configs import ITMConfig
+from vlm.objectives.registry import build_objective
 
 from support.multiproc import run_ranks
 

@@ -56,7 +56,7 @@ def _rank(rank):
                                      for impl in ("torch", "naive")]
     # columns exchanged in chunks smaller than a rank's rows (4 of 13): the same results
     # and no rank ever holds every rank's columns (B x D) or a b x B matrix
-    from test_kernels_contrastive import LargestTensor
+    from support.dispatch import LargestTensor
 
     contrastive.COLUMN_CHUNK = 4
     for kind, labelled, impl, blocks in CASES:

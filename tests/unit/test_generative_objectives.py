@@ -8,15 +8,17 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from vlm.models import build_model
 from vlm.models.config import ModelConfig
-from vlm.objectives import (OBJECTIVES, AnyObjectiveConfig, ITGConfig, ITMConfig, MCMConfig, MIMConfig, MLMConfig,
-                            RegionWordConfig, build_objective, caption_loss, focal_loss, itm_loss, masked_patch_mse,
-                            masked_token_loss)
-from vlm.objectives.itm import BASE_RATE_LOSS, sample_hard_negatives
+from vlm.models.registry import build_model
+from vlm.objectives.configs import (AnyObjectiveConfig, ITGConfig, ITMConfig, MCMConfig, MIMConfig, MLMConfig,
+                                    RegionWordConfig)
+from vlm.objectives.itg import caption_loss
+from vlm.objectives.itm import BASE_RATE_LOSS, itm_loss, sample_hard_negatives
 from vlm.objectives.mcm import block_mask
-from vlm.objectives.mim import normalised_patches, patchify, random_masking
-from vlm.objectives.mlm import mask_tokens
+from vlm.objectives.mim import masked_patch_mse, normalised_patches, patchify, random_masking
+from vlm.objectives.mlm import mask_tokens, masked_token_loss
+from vlm.objectives.region_word import focal_loss
+from vlm.objectives.registry import OBJECTIVES, build_objective
 
 torch.set_num_threads(1)
 V = 300  # vocabulary of the small models here

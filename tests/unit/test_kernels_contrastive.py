@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from vlm.kernels.contrastive import contrastive_loss
 from vlm.objectives.clip_infonce import MAX_LOGIT_SCALE, clip_infonce
 from vlm.objectives.siglip import siglip
 from vlm.objectives.unicl import unicl
+from support.dispatch import LargestTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from loss_memory import measure  # noqa: E402
@@ -193,22 +192,6 @@ def test_bad_inputs_raise_clear_errors():
             contrastive_loss(args.pop("image"), args.pop("text"), args.pop("scale"), args.pop("bias"), **args)
     with pytest.raises(ValueError, match="power-of-two blocks"):
         contrastive_loss(x, y, s, impl="triton", block_rows=24, block_cols=16)
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest storage (in elements) that any op returns, and the ops seen."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.ops = 0, set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.add(str(func))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
-        return out
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])

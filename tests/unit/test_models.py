@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from cluster.cli.main import main
-from vlm.models import build_clip, build_model, describe, get_config, list_presets, preset_dict
+from vlm.models.presets import get_config, list_presets, preset_dict
+from vlm.models.registry import build_model, describe
 from vlm.models.config import ModelConfig, VisionConfig
 from vlm.models.text import TextTransformer
 
@@ -154,7 +155,7 @@ def test_registry_errors_and_config_validation():
         preset_dict("ViT-H-99")
     with pytest.raises(ValueError, match="vocabulary"):
         build_model(get_config("tiny"))
-    assert isinstance(build_clip(get_config("tiny"), 50), torch.nn.Module)
+    assert isinstance(build_model(get_config("tiny"), 50), torch.nn.Module)
     with pytest.raises(ValidationError):
         VisionConfig(image_size=30, patch_size=4)
     with pytest.raises(ValidationError):

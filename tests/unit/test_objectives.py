@@ -6,9 +6,13 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from vlm.objectives import (OBJECTIVE_CONFIGS, OBJECTIVES, AnyObjectiveConfig, ClipInfoNCE, ClipInfoNCEConfig,
-                            SigLIP, SigLIPConfig, SlipImage, SlipImageConfig, UniCL, UniCLConfig,
-                            build_objective, clip_infonce)
+from vlm.objectives.clip_infonce import ClipInfoNCE, clip_infonce
+from vlm.objectives.configs import (OBJECTIVE_CONFIGS, AnyObjectiveConfig, ClipInfoNCEConfig, SigLIPConfig, SlipImageConfig,
+                                    UniCLConfig)
+from vlm.objectives.registry import OBJECTIVES, build_objective
+from vlm.objectives.siglip import SigLIP
+from vlm.objectives.slip_image import SlipImage
+from vlm.objectives.unicl import UniCL
 
 E, W = 8, 12  # embed_dim, vision_width
 

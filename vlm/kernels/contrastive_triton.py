@@ -1,7 +1,9 @@
-"""Triton kernels of the tiled contrastive loss (vlm/kernels/contrastive.py holds the
-algorithm, the collectives and the plain-torch twin of every launcher here).
+"""Triton kernels of the tiled contrastive loss (the CUDA twin of contrastive_torch.TorchTiles).
 
-Same tile algorithm and the same launcher signatures as `contrastive.TorchTiles`:
+vlm/kernels/contrastive.py holds the algorithm and the collectives,
+vlm/kernels/contrastive_torch.py the plain-torch twin of every launcher here.
+
+Same tile algorithm and the same launcher signatures as `contrastive_torch.TorchTiles`:
 - tiles S = scale * X_r Y_c^T (+ bias) of BLOCK_M x BLOCK_N, the dot looped over D in
   chunks of BLOCK_D (masked, so any D), fp32 accumulation;
 - positives from the labels (equal label >= 0) or the own pair (global row == column);

@@ -1,5 +1,6 @@
-"""Triton kernels of the fused linear + cross-entropy of `linear_ce` (same algorithm, same
-launcher signatures as its torch_forward / torch_backward).
+"""Triton kernels of the fused linear + cross-entropy of `linear_ce`.
+
+Same algorithm, same launcher signatures as its torch_forward / torch_backward.
 
 Three kernels, all over the non-ignored rows only (the launcher compacts them into `rows`):
 

@@ -1,4 +1,5 @@
 """Two-tower CLIP: an image tower (ViT or modified ResNet) and a Transformer text tower.
+
 The temperature and any other loss parameters belong to the objectives, not to the model."""
 from __future__ import annotations
 
@@ -45,9 +46,3 @@ class CLIP(nn.Module):
             "text_tokens": text["tokens"],
         }
 
-
-def build_clip(cfg, vocab_size: int | None = None) -> CLIP:
-    """Alias of vlm.models.registry.build_model (the name the engine calls)."""
-    from vlm.models.registry import build_model
-
-    return build_model(cfg, vocab_size)

@@ -1,5 +1,7 @@
-"""Model architecture configs: pydantic only, no torch; registered presets live in
-vlm/models/configs/ as YAML files of these fields (see vlm.models.registry)."""
+"""Model architecture configs (pydantic only, no torch).
+
+Registered presets live in vlm/models/configs/ as YAML files of these fields (see
+vlm.models.presets)."""
 from __future__ import annotations
 
 from typing import Literal

@@ -1,6 +1,8 @@
-"""Multimodal (fusion) encoders over image and text tokens, for the objectives that score or
-reconstruct a pair jointly (image–text matching, masked cross-modal modelling), and the
-cross-attention block that CoCa's caption decoder shares with the "cross" variant."""
+"""Multimodal (fusion) encoders over image and text tokens, and their cross-attention block.
+
+The encoders serve the objectives that score or reconstruct a pair jointly (image–text
+matching, masked cross-modal modelling); CoCa's caption decoder shares the cross-attention
+block with the "cross" variant."""
 from __future__ import annotations
 
 import torch

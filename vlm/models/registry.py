@@ -1,15 +1,13 @@
-"""Models by name: each preset is a YAML file of ModelConfig fields in vlm/models/configs/.
+"""Builds models from their configs: the towers of a ModelConfig as a CLIP module, and their sizes.
 
-    cfg = get_config("ViT-B-16")             # a validated ModelConfig
-    model = build_model(cfg)                  # vocabulary from cfg.text.vocab_size
-    describe("ViT-B-16")                      # parameter counts and forward FLOPs
+    model = build_model(get_config("ViT-B-16"))   # vocabulary from cfg.text.vocab_size
+    describe("ViT-B-16")                          # parameter counts and forward FLOPs
+
+Presets by name (get_config, list_presets, preset_dict) live in vlm.models.presets, free of torch.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
-import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,30 +15,14 @@ from vlm.models.clip import CLIP
 from vlm.models.config import ModelConfig
 from vlm.models.decoder import CaptionDecoder
 from vlm.models.fusion import FusionEncoder
+from vlm.models.presets import get_config
 from vlm.models.resnet import ModifiedResNet
 from vlm.models.text import TextTransformer
 from vlm.models.vit import VisionTransformer
 
-CONFIG_DIR = Path(__file__).parent / "configs"
 # CLIP's byte-pair vocabulary: what `describe` counts with when a preset leaves the
 # vocabulary to the run's tokenizer and no size is given.
 CLIP_VOCAB_SIZE = 49408
-
-
-def list_presets() -> list[str]:
-    return sorted((p.stem for p in CONFIG_DIR.glob("*.yaml")), key=str.lower)
-
-
-def preset_dict(name: str) -> dict:
-    """The preset's fields as a plain dict, with `preset` set to its name."""
-    path = CONFIG_DIR / f"{name}.yaml"
-    if name not in list_presets():
-        raise KeyError(f"unknown model preset {name!r}; known presets: {', '.join(list_presets())}")
-    return {**yaml.safe_load(path.read_text()), "preset": name}
-
-
-def get_config(name: str) -> ModelConfig:
-    return ModelConfig(**preset_dict(name))
 
 
 def build_vision(cfg: ModelConfig) -> nn.Module:

@@ -1,5 +1,6 @@
-"""CLIP's modified ResNet image tower (CLIP paper, section 2.4): a three-convolution stem
-with average pooling (ResNet-D), anti-aliased strided bottlenecks (average pool, then the
+"""CLIP's modified ResNet image tower (CLIP paper, section 2.4).
+
+A three-convolution stem with average pooling (ResNet-D), anti-aliased strided bottlenecks (average pool, then the
 stride-1 convolution), and an attention pooling head in place of global average pooling."""
 from __future__ import annotations
 

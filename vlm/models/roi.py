@@ -1,5 +1,6 @@
-"""RoI-align in pure torch (torchvision is not a dependency): region features pooled from a
-feature map by bilinear sampling, for region–word matching."""
+"""RoI-align in pure torch (torchvision is not a dependency), for region–word matching.
+
+Region features pooled from a feature map by bilinear sampling, for region–word matching."""
 from __future__ import annotations
 
 import torch

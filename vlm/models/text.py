@@ -1,5 +1,7 @@
-"""Transformer text encoder as in CLIP: causal mask, features pooled at the end-of-text
-token; `causal=False` gives a bidirectional encoder (for masked language modelling)."""
+"""Transformer text encoder as in CLIP.
+
+Causal mask, features pooled at the end-of-text token; `causal=False` gives a bidirectional
+encoder (for masked language modelling)."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
-"""CLIP-style Vision Transformer (survey 2.1.1): patch embedding, class token, a norm
-before the transformer, attention through scaled_dot_product_attention."""
+"""CLIP-style Vision Transformer (survey 2.1.1).
+
+Patch embedding, class token, a norm before the transformer, attention through scaled_dot_product_attention."""
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlm.kernels.linear_ce import linear_cross_entropy
+
 
 class VocabProjection(nn.Linear):
     """nn.Linear(width, vocab) whose call with `targets` returns the cross-entropy of the
@@ -22,7 +24,5 @@ class VocabProjection(nn.Linear):
         if impl == "naive":
             return nn.functional.cross_entropy(super().forward(hidden), targets, ignore_index=ignore_index,
                                                label_smoothing=label_smoothing)
-        from vlm.kernels.linear_ce import linear_cross_entropy
-
         return linear_cross_entropy(hidden, self.weight, self.bias, targets, ignore_index=ignore_index,
                                     label_smoothing=label_smoothing, impl=impl)

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import gather_features, world
-from vlm.kernels import resolve
+from vlm.kernels.contrastive import contrastive_loss
+from vlm.kernels.dispatch import resolve
 from vlm.objectives.configs import ClipInfoNCEConfig
 
 
@@ -28,8 +29,6 @@ def clip_infonce(*, image_embed: torch.Tensor, text_embed: torch.Tensor,
     the same loss through vlm.kernels' tiled kernel, which never does."""
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     if impl != "naive":
-        from vlm.kernels.contrastive import contrastive_loss
-
         return contrastive_loss(image_embed, text_embed, scale, kind="softmax", impl=impl)
     rank, _ = world()
     all_image = gather_features(image_embed)

@@ -1,6 +1,8 @@
-"""The objectives' pydantic configs, one per objective file, kept free of torch so that
-vlm.config (and with it the CLI) can validate a run's config without importing torch. Each
-objective module re-exports its own config (`from vlm.objectives.itg import ITGConfig`)."""
+"""The objectives' pydantic configs (torch-free), one per objective file.
+
+They are kept free of torch so that vlm.config (and with it the CLI) can validate a run's
+config without importing torch. Each objective module re-exports its own config (`from
+vlm.objectives.itg import ITGConfig`)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal, Union

@@ -1,5 +1,6 @@
-"""Image-to-text generation, i.e. captioning (survey eq. 9), as in CoCa: the causal text
-tower's token features and the image tokens go through the model's caption decoder; each
+"""Image-to-text generation, i.e. captioning (survey eq. 9), as in CoCa.
+
+The causal text tower's token features and the image tokens go through the model's caption decoder; each
 position predicts the next token (<sot> w1 ... wn -> w1 ... wn <eot>)."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.kernels import resolve
+from vlm.kernels.dispatch import resolve
 from vlm.objectives.configs import ITGConfig
 
 

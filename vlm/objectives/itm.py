@@ -1,5 +1,6 @@
-"""Image–text matching (survey eq. 10) with hard negatives from the batch, as in ALBEF/BLIP:
-a binary head on the multimodal encoder's joint feature scores every positive pair, and for
+"""Image–text matching (survey eq. 10) with hard negatives from the batch, as in ALBEF/BLIP.
+
+A binary head on the multimodal encoder's joint feature scores every positive pair, and for
 each image one negative text and for each text one negative image, each drawn from the
 softmax of the contrastive similarities over the global batch with the positives (every
 caption of the same image) excluded. One positive per two negatives: a head that predicts

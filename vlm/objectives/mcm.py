@@ -1,5 +1,6 @@
-"""Masked cross-modal modelling (survey eq. 8) as in FLAVA: about 40% of the image patches
-(in blocks, BEiT-style) and 15% of the caption's tokens are masked in the same matched
+"""Masked cross-modal modelling (survey eq. 8) as in FLAVA.
+
+About 40% of the image patches (in blocks, BEiT-style) and 15% of the caption's tokens are masked in the same matched
 pair; the multimodal encoder reconstructs both, each conditioned on the visible part of the
 image and of the text. Image target: each masked patch's normalised pixels (FLAVA predicts
 dVAE codes; this project has no image tokenizer); text target: the masked tokens."""

@@ -1,7 +1,9 @@
-"""Masked image modelling (survey eq. 6) as in MAE: a random subset of patches is dropped,
-the encoder sees only the visible ones, a light decoder predicts the pixels of every patch,
-and the loss is the mean squared error on the masked patches only, against each patch's
-own normalised pixels (MAE's norm_pix_loss target)."""
+"""Masked image modelling (survey eq. 6) as in MAE.
+
+A random subset of patches is dropped, the encoder sees only the visible ones, a light
+decoder predicts the pixels of every patch, and the loss is the mean squared error on the
+masked patches only, against each patch's own normalised pixels (MAE's norm_pix_loss
+target)."""
 from __future__ import annotations
 
 import torch

@@ -1,13 +1,15 @@
-"""Masked language modelling (survey eq. 7) as in BERT: 15% of the caption's word tokens are
-chosen; of those 80% are replaced by a learned [MASK] embedding, 10% by a random token and
-10% left unchanged; the bidirectional text tower predicts the chosen tokens."""
+"""Masked language modelling (survey eq. 7) as in BERT.
+
+15% of the caption's word tokens are chosen; of those 80% are replaced by a learned [MASK]
+embedding, 10% by a random token and 10% left unchanged; the bidirectional text tower
+predicts the chosen tokens."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlm.kernels import resolve
+from vlm.kernels.dispatch import resolve
 from vlm.models.vocab import VocabProjection
 from vlm.objectives.configs import MLMConfig
 

@@ -1,8 +1,9 @@
-"""Region–word matching (survey eq. 11), GLIP-style: region features are pooled from the
-image tower's patch tokens by RoI-align over each box, phrase features come from the text
-tower, the alignment logits are their (scaled) dot products, and a binary focal loss scores
-every region against every distinct phrase of the micro-batch, positive where the region's
-own phrase is that phrase."""
+"""Region–word matching (survey eq. 11), GLIP-style.
+
+Region features are pooled from the image tower's patch tokens by RoI-align over each box,
+phrase features come from the text tower, the alignment logits are their (scaled) dot
+products, and a binary focal loss scores every region against every distinct phrase of the
+micro-batch, positive where the region's own phrase is that phrase."""
 from __future__ import annotations
 
 import math

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import gather_features, world
-from vlm.kernels import resolve
+from vlm.kernels.contrastive import contrastive_loss
+from vlm.kernels.dispatch import resolve
 from vlm.objectives.clip_infonce import logit_scale_parameter
 from vlm.objectives.configs import SigLIPConfig
 
@@ -21,8 +22,6 @@ def siglip(*, image_embed: torch.Tensor, text_embed: torch.Tensor, logit_scale: 
     (local images against all texts), so this rank returns its partial sum divided by its
     own b: the mean over ranks is then the global loss. impl: as in clip_infonce."""
     if impl != "naive":
-        from vlm.kernels.contrastive import contrastive_loss
-
         return contrastive_loss(image_embed, text_embed, logit_scale.exp(), logit_bias, kind="sigmoid", impl=impl)
     rank, _ = world()
     all_text = gather_features(text_embed)

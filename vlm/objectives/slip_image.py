@@ -1,5 +1,6 @@
-"""Image–image InfoNCE over two augmented views through a projection head (survey eq. 1,
-as used by SLIP; the NT-Xent form of SimCLR)."""
+"""Image–image InfoNCE over two augmented views through a projection head.
+
+Survey eq. 1, as used by SLIP; the NT-Xent form of SimCLR."""
 from __future__ import annotations
 
 import torch

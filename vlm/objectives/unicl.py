@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.distributed import gather_features, gather_labels, world
-from vlm.kernels import resolve
+from vlm.kernels.contrastive import contrastive_loss
+from vlm.kernels.dispatch import resolve
 from vlm.objectives.clip_infonce import MAX_LOGIT_SCALE, logit_scale_parameter
 from vlm.objectives.configs import UniCLConfig
 
@@ -25,8 +26,6 @@ def unicl(*, image_embed: torch.Tensor, text_embed: torch.Tensor, labels: torch.
     logits; the tiled kernels never do)."""
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     if impl != "naive":
-        from vlm.kernels.contrastive import contrastive_loss
-
         return contrastive_loss(image_embed, text_embed, scale, kind="softmax", labels=labels, impl=impl)
     rank, _ = world()
     all_image = gather_features(image_embed)

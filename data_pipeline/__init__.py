@@ -1,0 +1,1 @@
+"""Data: URL+caption tables to webdataset shards (ingest), the shard format, curation."""

@@ -1,4 +1,4 @@
-"""Run-wide state of one ingest: the exact-duplicate registry and live progress.
+"""Exact duplicates across one ingest run (the run-wide registry, a shard's marking) and live progress.
 
 One Ray actor per run holds it. Shard tasks claim the content hashes of their
 successful samples in one call per shard; the first shard to claim a hash owns it,
@@ -103,3 +103,23 @@ def claim(registry, shard_id: int, entries: list[tuple[bytes, str]]) -> list[str
     import ray
 
     return ray.get(remote(shard_id, entries))
+
+
+def mark_duplicates(outcomes: list, registry, shard_id: int) -> None:
+    """Exact duplicates by content hash among a shard's ``Outcome``s: the first row of the
+    shard with a hash, then the first shard of the run to claim it, keeps the image."""
+    first: dict[bytes, str] = {}
+    entries = []
+    for out in outcomes:
+        if not out.ok or out.sha256 is None:
+            continue
+        digest = bytes.fromhex(out.sha256)
+        if digest in first:
+            out.reject("duplicate", f"same image as {first[digest]}")
+            continue
+        first[digest] = out.key
+        entries.append((digest, out.key))
+    by_key = {out.key: out for out in outcomes}
+    for (_, key), owner in zip(entries, claim(registry, shard_id, entries)):
+        if owner != key:
+            by_key[key].reject("duplicate", f"same image as {owner}")

@@ -11,9 +11,10 @@ import socket
 import pytest
 from pydantic import ValidationError
 
-import data_pipeline.ingest.fetch as fetch_mod
+import data_pipeline.ingest.guard as guard_mod
 from data_pipeline.config import FetchConfig
-from data_pipeline.ingest.fetch import address_refusal, check_host, fetch
+from data_pipeline.ingest.fetch import fetch
+from data_pipeline.ingest.guard import address_refusal, check_host
 
 OK, PRIVATE, BAD = None, "private_address", "bad_url"
 
@@ -116,11 +117,11 @@ def no_io(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"the guard did I/O: {args}")
 
-    monkeypatch.setattr(fetch_mod, "resolve_host", refuse)
+    monkeypatch.setattr(guard_mod, "resolve_host", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    fetch_mod.dns_cache.clear()
+    guard_mod.dns_cache.clear()
 
 
 @pytest.mark.parametrize("url, reason, address, fields", CASES, ids=[f"{c[0]}-{sorted(c[3])}" for c in CASES])
@@ -131,7 +132,7 @@ def test_guard_decision(url, reason, address, fields, no_io):
         assert target.address == address
         ipaddress.ip_address(target.address)  # numeric: connecting to it asks no resolver
     else:
-        with pytest.raises(fetch_mod._Failure) as info:
+        with pytest.raises(guard_mod.FetchFailure) as info:
             check_host(url, cfg)
         assert info.value.reason == reason, str(info.value)
 
@@ -153,9 +154,9 @@ def test_a_resolved_name_is_judged_by_its_answer(monkeypatch, no_io):
     """The DNS path: what the resolver answers is judged, and that address is connected to."""
     answers = {"rebind.test": ["127.0.0.1"], "meta.test": ["100.100.100.200"],
                "v6.test": ["::ffff:169.254.169.254"], "cdn.test": ["2606:4700::1", "8.8.4.4"]}
-    monkeypatch.setattr(fetch_mod, "resolve_host", lambda host, port: answers[host])
+    monkeypatch.setattr(guard_mod, "resolve_host", lambda host, port: answers[host])
     for host in ("rebind.test", "meta.test", "v6.test"):
-        with pytest.raises(fetch_mod._Failure, match=host) as info:
+        with pytest.raises(guard_mod.FetchFailure, match=host) as info:
             check_host(f"http://{host}/a.jpg", FetchConfig())
         assert info.value.reason == PRIVATE
     assert check_host("http://cdn.test/a.jpg", FetchConfig()).address == "2606:4700::1"

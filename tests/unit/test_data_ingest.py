@@ -14,11 +14,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline.config import CorpusConfig, FetchConfig, IngestConfig
-from data_pipeline.ingest.fetch import DomainRateLimiter, fetch, robots_optout
-from data_pipeline.ingest.driver import decode_image, ingest, ingest_shard, resize_image
+from data_pipeline.config import FetchConfig, IngestConfig
+from demo.config import CorpusConfig
+from data_pipeline.ingest.codec import decode_image, resize_image
+from data_pipeline.ingest.driver import ingest
+from data_pipeline.ingest.fetch import DomainRateLimiter, fetch
+from data_pipeline.ingest.shard import ingest_shard
+from data_pipeline.ingest.transport import robots_optout
 from demo.server import ImageServer
-from demo.corpus import generate_corpus, write_url_table
+from demo.corpus import generate_corpus
+from demo.tables import write_url_table
 from data_pipeline.ingest.table import read_table
 
 LOOPBACK = ["127.0.0.1"]
@@ -201,7 +206,7 @@ def test_png_decode_matches_pillow(name):
     the two round 16 -> 8 bits differently), with eXIf orientation and transparency kept."""
     from PIL import ImageOps
 
-    from data_pipeline.ingest.driver import _to_rgb
+    from data_pipeline.ingest.codec import _to_rgb
 
     data = _png_variants()[name]
     img, w, h = decode_image(data, IngestConfig())
@@ -312,10 +317,11 @@ def test_caption_filters_skip_the_download(server, tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
+    pytest.importorskip("ray")
+    from cluster.ray.session import ray_session
+
+    with ray_session(num_cpus=2, lean=True) as ray:
+        yield ray
 
 
 def test_ingest_through_ray_then_rerun_skips(ray_local, url_table, tmp_path):
@@ -360,10 +366,10 @@ def connect_log(monkeypatch):
 
 
 def test_private_resolution_refused_before_any_connect(server, connect_log, monkeypatch):
-    import data_pipeline.ingest.fetch as fetch_mod
+    import data_pipeline.ingest.guard as guard_mod
 
-    fetch_mod.dns_cache.clear()
-    monkeypatch.setattr(fetch_mod, "resolve_host", lambda host, port: {"intranet.test": ["192.168.0.7"],
+    guard_mod.dns_cache.clear()
+    monkeypatch.setattr(guard_mod, "resolve_host", lambda host, port: {"intranet.test": ["192.168.0.7"],
                                                                        "mixed.test": ["8.8.8.8", "10.0.0.9"]}[host])
     port = server.url.rsplit(":", 1)[1]
     cfg = FetchConfig(retries=2, resolve={"override.test": ["10.1.2.3"]}, allow_private_hosts=LOOPBACK)
@@ -379,17 +385,17 @@ def test_private_resolution_refused_before_any_connect(server, connect_log, monk
 
 
 def test_a_host_is_resolved_once_per_cache_period(server, monkeypatch):
-    import data_pipeline.ingest.fetch as fetch_mod
+    import data_pipeline.ingest.guard as guard_mod
 
-    fetch_mod.dns_cache.clear()
+    guard_mod.dns_cache.clear()
     calls = []
-    monkeypatch.setattr(fetch_mod, "resolve_host", lambda host, port: calls.append(host) or ["127.0.0.1"])
+    monkeypatch.setattr(guard_mod, "resolve_host", lambda host, port: calls.append(host) or ["127.0.0.1"])
     port = server.url.rsplit(":", 1)[1]
     cfg = FetchConfig(retries=0, allow_private_hosts=LOOPBACK)
     for i in range(5):
         assert fetch(f"http://images.test:{port}/images/train/{i:06d}.png", cfg).ok
     assert calls == ["images.test"]
-    fetch_mod.dns_cache.clear()
+    guard_mod.dns_cache.clear()
     assert fetch(f"http://images.test:{port}/images/train/000000.png", cfg.model_copy(update={"dns_cache_s": 0})).ok
     assert fetch(f"http://images.test:{port}/images/train/000000.png", cfg.model_copy(update={"dns_cache_s": 0})).ok
     assert calls == ["images.test"] * 3
@@ -422,7 +428,7 @@ def test_hostile_endpoints(server, tmp_path):
     ("une voiture rouge garée dans la rue", {"languages": ["en", "fr"]}, None),
 ])
 def test_caption_rules(caption, update, reason):
-    from data_pipeline.ingest.driver import caption_reason
+    from data_pipeline.ingest.captions import caption_reason
 
     assert caption_reason(caption, IngestConfig(**update))[0] == reason
 

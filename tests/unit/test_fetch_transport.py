@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-import data_pipeline.ingest.fetch as fetch_mod
+import data_pipeline.ingest.transport as transport_mod
 from data_pipeline.config import FetchConfig
 from data_pipeline.ingest.fetch import fetch
 
@@ -81,12 +81,12 @@ def _cfg(**kw) -> FetchConfig:
 
 def test_https_verifies_the_named_host(tls_server, monkeypatch):
     port, cert = tls_server
-    monkeypatch.setattr(fetch_mod, "_ssl", None)  # a context that does not trust our certificate
+    monkeypatch.setattr(transport_mod, "_ssl", None)  # a context that does not trust our certificate
     monkeypatch.setenv("SSL_CERT_FILE", str(cert.parent / "nothing.pem"))
     untrusted = fetch(f"https://images.test:{port}/a.png", _cfg())
     assert untrusted.reason == "connection_error" and "CERTIFICATE_VERIFY_FAILED" in untrusted.error
 
-    monkeypatch.setattr(fetch_mod, "_ssl", None)  # now trusting it (the default context reads SSL_CERT_FILE)
+    monkeypatch.setattr(transport_mod, "_ssl", None)  # now trusting it (the default context reads SSL_CERT_FILE)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     ok = fetch(f"https://images.test:{port}/a.png", _cfg())
     assert ok.ok and ok.data == BODY, ok.error
@@ -99,13 +99,13 @@ def test_https_verifies_the_named_host(tls_server, monkeypatch):
 
 def test_keep_alive_connection_is_reused_per_host(tls_server, monkeypatch):
     port, cert = tls_server
-    monkeypatch.setattr(fetch_mod, "_ssl", None)
+    monkeypatch.setattr(transport_mod, "_ssl", None)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    fetch_mod._idle().clear()
+    transport_mod._idle().clear()
     for _ in range(3):
         assert fetch(f"https://images.test:{port}/a.png", _cfg()).ok
     assert _Handler.seen_sni == ["images.test"]  # one handshake for three requests
-    fetch_mod._idle().clear()
+    transport_mod._idle().clear()
 
 
 class _RawServer:
@@ -161,13 +161,13 @@ def test_a_keep_alive_connection_closed_by_the_server_is_replaced():
     client keep it: the second fetch meets the dead connection, and goes again on a new one."""
     srv = _RawServer(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nabcd")
     try:
-        fetch_mod._idle().clear()
+        transport_mod._idle().clear()
         first = fetch(f"http://127.0.0.1:{srv.port}/a.png", _plain_cfg())
         second = fetch(f"http://127.0.0.1:{srv.port}/b.png", _plain_cfg())
         assert (first.data, second.data) == (b"abcd", b"abcd"), (first.error, second.error)
         assert srv.connections == 2
     finally:
-        fetch_mod._idle().clear()
+        transport_mod._idle().clear()
         srv.close()
 
 
@@ -181,7 +181,7 @@ def test_request_names_our_agent_and_the_host_not_the_address():
         assert head[0] == "GET /a/b.png?x=1 HTTP/1.1"
         assert f"Host: img.test:{srv.port}" in head and "User-Agent: testbot/2.0" in head
     finally:
-        fetch_mod._idle().clear()
+        transport_mod._idle().clear()
         srv.close()
 
 
@@ -199,5 +199,5 @@ def test_non_ascii_names_and_paths_go_out_as_browsers_send_them():
         assert head[0] == "GET /%D1%84%D0%BE%D1%82%D0%BE/a%20b%20c.jpg?q=%C3%BC HTTP/1.1"
         assert f"Host: xn--r8jz45g.test:{srv.port}" in head
     finally:
-        fetch_mod._idle().clear()
+        transport_mod._idle().clear()
         srv.close()

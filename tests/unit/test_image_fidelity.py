@@ -22,7 +22,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from data_pipeline.config import IngestConfig
-from data_pipeline.ingest.driver import decode_image, resize_image
+from data_pipeline.ingest.codec import decode_image, resize_image
 
 W, H = 300, 240  # over twice the output size, so JPEG draft decoding (1/2 scale) is used
 CFG = IngestConfig(image_size=96, resize_mode="center_crop")

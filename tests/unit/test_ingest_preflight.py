@@ -18,9 +18,12 @@ import pytest
 from PIL import Image
 
 from cluster.cli.main import main
-from data_pipeline.config import CorpusConfig, FetchConfig, IngestConfig, InputError
+from cluster.ray.session import ray_session
+from data_pipeline.config import FetchConfig, IngestConfig, InputError
+from demo.config import CorpusConfig
 from data_pipeline.ingest.driver import ShardFailed, check_writable, ingest, preflight
-from data_pipeline.shards.reader import ShardReader, list_shards
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import list_shards
 from demo.server import ImageServer
 from demo.corpus import generate_corpus
 from data_pipeline.shards.write import write_samples
@@ -140,7 +143,7 @@ def test_a_deterministic_shard_failure_is_attempted_once(tmp_path):
         table = _write(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
         cfg = IngestConfig(shard_size=8, threads=4, image_size=32, task_retries=3,
                            fetch=FetchConfig(retries=0, allow_private_hosts=["127.0.0.1"]))
-        with pytest.raises(ShardFailed) as failed:
+        with ray_session(lean=True), pytest.raises(ShardFailed) as failed:
             ingest(str(table), str(out), cfg, progress=False)
         assert server.request_count == len(rows)  # one attempt: every row fetched once, not 4 times
     message = str(failed.value)

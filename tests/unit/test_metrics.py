@@ -140,10 +140,12 @@ def test_ingest_metrics_from_shard_stats(tmp_path):
 
 
 def test_shard_stats_carry_bytes(tmp_path):
-    from data_pipeline.config import CorpusConfig, FetchConfig, IngestConfig
-    from data_pipeline.ingest.driver import ingest_shard
+    from data_pipeline.config import FetchConfig, IngestConfig
+    from demo.config import CorpusConfig
+    from data_pipeline.ingest.shard import ingest_shard
     from demo.server import ImageServer
-    from demo.corpus import generate_corpus, write_url_table
+    from demo.corpus import generate_corpus
+    from demo.tables import write_url_table
     from data_pipeline.ingest.table import read_table
 
     corpus = generate_corpus(CorpusConfig(num_train=6, num_heldout=0, image_size=32), tmp_path / "corpus")

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from data_pipeline.config import MAX_PIXELS
-from data_pipeline.ingest.driver import Rejected, open_image
+from data_pipeline.ingest.codec import Rejected, open_image
+from data_pipeline.shards.format import IMAGE_EXTS
 from data_pipeline.shards.reader import ShardReader
 from vlm.data.augment import AugmentConfig, colour_augment, two_views
 from vlm.config import ColourAugmentConfig
 from vlm.data.tokenizer import TextEncoder
 
-IMAGE_EXTS = ("jpg", "png", "webp")
 WARN_LIMIT = 100  # bad samples a loader names one by one; the rest are only counted
 
 
@@ -39,7 +39,7 @@ def _where(sample: dict) -> str:
 
 def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """The sample's image decoded to RGB, at most `max_pixels` pixels (read from the header
-    before decoding, data_pipeline.ingest.driver.open_image). Raises BadSample."""
+    before decoding, data_pipeline.ingest.codec.open_image). Raises BadSample."""
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
         raise BadSample("no_image", f"{_where(sample)} has no image")

@@ -19,7 +19,7 @@ a rank's share is ``i % world_size == rank``.
 A dataset may ship its zero-shot class names and prompt templates in CLIP_benchmark's
 layout: ``classnames.txt`` and ``zeroshot_classification_templates.txt`` in the folder root
 or shard directory (or the directory above a shard directory, CLIP_benchmark's
-``root/test/*.tar``), or beside the CSV (``beside_data``); vlm/eval/runner.py decides what
+``root/test/*.tar``), or beside the CSV (``beside_data``); vlm/eval/zeroshot.py decides what
 they mean."""
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.ingest.driver import Rejected, open_image
-from data_pipeline.shards.reader import iter_tar_samples, list_shards
-from vlm.data.batches import IMAGE_EXTS, MAX_PIXELS, centre_square, fit_square
+from data_pipeline.ingest.codec import Rejected, open_image
+from data_pipeline.shards.format import IMAGE_EXTS, IMAGE_SUFFIXES
+from data_pipeline.shards.samples import iter_tar_samples, list_shards
+from vlm.data.batches import MAX_PIXELS, centre_square, fit_square
 
-FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = ".mask.png"
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -141,7 +141,7 @@ def _iter_shards(path: str, label_template: str, payload: bool) -> Iterator[Eval
 def _iter_folder(root: Path) -> Iterator[EvalItem]:
     for class_dir in sorted(c for c in root.iterdir() if c.is_dir()):
         for f in sorted(class_dir.iterdir()):
-            if f.name.endswith(MASK_SUFFIX) or f.suffix.lower() not in FOLDER_EXTS:
+            if f.name.endswith(MASK_SUFFIX) or f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             mask = f.with_name(f.stem + MASK_SUFFIX)
             yield EvalItem(key=f"{class_dir.name}/{f.name}", captions=[], label=class_dir.name, image=f,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ray.loopback import use_loopback_only
+from cluster.ray.session import use_loopback_only
 
 use_loopback_only()
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 
+from data_pipeline.config import FilterConfig, ScoreConfig
 from vlm.config import ConfigError, load_config
 
 _STATUS_HELP = ("one row per input row in {id}.parquet: status success|failed and a reason "
@@ -17,8 +17,8 @@ def add_data_commands(sub, config_args) -> None:
                           description="ingest -> score -> filter -> (train); inspect any shard directory. "
                           "See docs/data.md.").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     _add_ingest(data, config_args)
-    _add_score(data)
-    _add_filter(data)
+    _add_score(data, config_args)
+    _add_filter(data, config_args)
     _add_inspect(data)
 
 
@@ -53,42 +53,58 @@ def _add_ingest(data, config_args) -> None:
     p.set_defaults(func=cmd_ingest)
 
 
-def _add_score(data) -> None:
+def _default(model, field: str, section: str) -> str:
+    """"default: data.SECTION.FIELD, VALUE" for a flag's help; the value is the config's."""
+    value = model.model_fields[field].default
+    return f"default: data.{section}.{field}, {'none' if value is None else value}"
+
+
+def _add_score(data, config_args) -> None:
     p = data.add_parser("score", help="perceptual hash and CLIP score of every sample of a shard directory",
                         description="One Ray actor per GPU (else per 2 CPUs) scores whole shards in batches: "
                         "writes {id}_scores.parquet (key, shard, caption, width, height, phash, clip_score) "
-                        "per committed shard; a rerun skips scored shards.")
+                        "per committed shard; a rerun skips scored shards. Settings: data.score.* of the "
+                        "config; each flag given overrides its setting.")
     p.add_argument("shards", metavar="SHARD_DIR", help="committed shards (local or s3://)")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="run or checkpoint dir of a CLIP model trained by this system; "
-                   "without it only the perceptual hash is computed")
+                   help="run or checkpoint dir of a CLIP model trained by this system (data.score.checkpoint); "
+                   "without one only the perceptual hash is computed")
     p.add_argument("--output", metavar="DIR", help="where the score files go (default: SHARD_DIR)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="samples per model call (default 64)")
-    p.add_argument("--actors", type=int, default=0, metavar="N",
-                   help="scoring actors (default: one per GPU, else one per 2 CPUs)")
-    p.add_argument("--hash-size", type=int, default=8, metavar="N", help="pHash of N*N bits (default 8)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help=f"samples per model call ({_default(ScoreConfig, 'batch_size', 'score')})")
+    p.add_argument("--actors", type=int, metavar="N",
+                   help=f"scoring actors, 0: one per GPU, else one per 2 CPUs ({_default(ScoreConfig, 'actors', 'score')})")
+    p.add_argument("--hash-size", type=int, metavar="N",
+                   help=f"pHash of N*N bits ({_default(ScoreConfig, 'hash_size', 'score')})")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_args(p)
     p.set_defaults(func=cmd_score)
 
 
-def _add_filter(data) -> None:
+def _add_filter(data, config_args) -> None:
     p = data.add_parser("filter", help="apply rules to the scores and write a new, balanced shard set",
                         description="Rules in order: --min-clip-score, near-duplicate removal (pHash "
                         "Hamming distance <= --near-dup-distance; the best-scored copy stays), "
                         "--top-fraction. Writes balanced shards (sizes differ by at most one) with each "
                         "kept sample's clip_score and phash added to its json, manifest.parquet (every "
-                        "sample: kept, reason, detail, output shard) and manifest.json (last).")
+                        "sample: kept, reason, detail, output shard) and manifest.json (last). Settings: "
+                        "data.filter.* of the config; each flag given overrides its setting.")
     p.add_argument("shards", metavar="SHARD_DIR", help="scored committed shards")
     p.add_argument("--output", required=True, metavar="DIR", help="new shard directory (must not hold shards)")
     p.add_argument("--scores", metavar="DIR", help="where the score files are (default: SHARD_DIR)")
-    p.add_argument("--min-clip-score", type=float, metavar="X", help="drop samples scoring below X")
-    p.add_argument("--top-fraction", type=float, metavar="F", help="keep the best fraction F (0 < F <= 1)")
-    p.add_argument("--near-dup-distance", type=int, default=4, metavar="BITS",
-                   help="pHashes within BITS are near-duplicates (default 4; -1: keep them all)")
-    p.add_argument("--shard-size", type=int, default=10_000, metavar="N", help="target samples per shard")
+    p.add_argument("--min-clip-score", type=float, metavar="X",
+                   help=f"drop samples scoring below X ({_default(FilterConfig, 'min_clip_score', 'filter')})")
+    p.add_argument("--top-fraction", type=float, metavar="F",
+                   help=f"keep the best fraction F, 0 < F <= 1 ({_default(FilterConfig, 'top_fraction', 'filter')})")
+    p.add_argument("--near-dup-distance", type=int, metavar="BITS",
+                   help="pHashes within BITS are near-duplicates, -1: keep them all "
+                   f"({_default(FilterConfig, 'near_dup_distance', 'filter')})")
+    p.add_argument("--shard-size", type=int, metavar="N",
+                   help=f"target samples per shard ({_default(FilterConfig, 'shard_size', 'filter')})")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_args(p)
     p.set_defaults(func=cmd_filter)
 
 
@@ -137,65 +153,37 @@ def _run_ingest(args, cfg):
             metrics = stack.enter_context(IngestMetrics(run=cfg.name, port=args.metrics_port))
             metrics.write_target()
             print(f"ingest metrics at {metrics.url}", flush=True)
-        if args.ray_address or os.environ.get("RAY_ADDRESS"):
-            stack.enter_context(ray_session(args.ray_address))
-        # else ingest starts a lean private Ray itself: no dashboard, no torch import
+        # lean: a local instance has no dashboard and no runtime_env (no Ray Train here)
+        stack.enter_context(ray_session(args.ray_address, lean=True))
         return ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress, metrics=metrics,
                       retry_failed=args.retry_failed, retry_reasons=args.retry_reasons, checked=True)
 
 
-class CheckpointClipScorer:
-    """CLIP score (cosine of the normalised image and caption embeddings) from a checkpoint
-    of this system; loads lazily in the process that scores (a Ray actor), on its GPU if any."""
+SCORE_FLAGS = ("checkpoint", "batch_size", "actors", "hash_size")
+FILTER_FLAGS = ("min_clip_score", "top_fraction", "near_dup_distance", "shard_size")
 
-    def __init__(self, path: str, *, verified: bool = False):
-        self.path, self.verified = path, verified
-        self._loaded = None
 
-    @classmethod
-    def resolved(cls, path: str) -> "CheckpointClipScorer":
-        """Checks the checkpoint once, here in the driver (a run's corrupt newest one is
-        skipped with a warning, a bad path or an explicitly named corrupt checkpoint fails
-        naming it, not inside an actor); the actors then load that very checkpoint dir
-        without hashing it again."""
-        from vlm.checkpoint.store import resolve_verified
+def _settings(args, section: str, flags: tuple[str, ...]):
+    """data.SECTION of the config (--config, --set) with each flag that was given on top."""
+    current = getattr(load_config(args.config, args.overrides).data, section)
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    return type(current).model_validate({**current.model_dump(), **given})
 
-        return cls(str(resolve_verified(path).absolute()), verified=True)
 
-    def _load(self):
-        import torch
+def score_config(args) -> ScoreConfig:
+    return _settings(args, "score", SCORE_FLAGS)
 
-        from vlm.eval.runner import load_eval_model
 
-        model, text, cfg = load_eval_model(self.path, verify_files=not self.verified)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self._loaded = (model.to(device), text, cfg.model.vision.image_size, device)
-
-    def __call__(self, samples: list[dict]) -> list[float]:
-        import torch
-
-        from vlm.data.batches import decode_image
-
-        if self._loaded is None:
-            self._load()
-        model, text, size, device = self._loaded
-        images = torch.stack([decode_image(s, size) for s in samples]).to(device)
-        tokens, eot = text([s.get("txt") or "" for s in samples])
-        with torch.no_grad():
-            sim = (model.encode_image(images) * model.encode_text(tokens.to(device), eot.to(device))).sum(-1)
-        return sim.float().cpu().tolist()
-
-    def __getstate__(self):
-        return {"path": self.path, "verified": self.verified, "_loaded": None}  # ship the path, not a model
+def filter_config(args) -> FilterConfig:
+    return _settings(args, "filter", FILTER_FLAGS)
 
 
 def cmd_score(args) -> int:
     from cluster.ray.session import ray_session
-    from data_pipeline.config import ScoreConfig
     from data_pipeline.curate.score import score
+    from vlm.eval.clip_score import CheckpointClipScorer
 
-    cfg = ScoreConfig(checkpoint=args.checkpoint, batch_size=args.batch_size, actors=args.actors,
-                      hash_size=args.hash_size)
+    cfg = score_config(args)
     scorer = None
     if cfg.checkpoint:
         scorer = CheckpointClipScorer.resolved(cfg.checkpoint)
@@ -208,11 +196,9 @@ def cmd_score(args) -> int:
 
 def cmd_filter(args) -> int:
     from cluster.ray.session import ray_session
-    from data_pipeline.config import FilterConfig
     from data_pipeline.curate.filter import filter_shards
 
-    cfg = FilterConfig(min_clip_score=args.min_clip_score, top_fraction=args.top_fraction,
-                       near_dup_distance=args.near_dup_distance, shard_size=args.shard_size)
+    cfg = filter_config(args)
     with ray_session(args.ray_address):
         summary = filter_shards(args.shards, args.output, cfg, scores_dir=args.scores, progress=not args.no_progress)
     print(f"kept {summary['kept']} of {summary['scored']} samples in {len(summary['shard_sizes'])} shard(s) "

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.config import FilterConfig
-from data_pipeline.ingest.driver import _atomic_write, committed_shards, shard_paths
-from data_pipeline.shards.reader import iter_tar_samples
-from data_pipeline.curate.score import read_scores
+from data_pipeline.curate.score import initialised_ray, read_scores
+from data_pipeline.shards.format import atomic_write, committed_shards, shard_paths
+from data_pipeline.shards.samples import iter_tar_samples
 from data_pipeline.shards.write import write_samples
 
 
@@ -118,19 +118,17 @@ def write_output_shard(shard_id: int, plan: list[tuple[str, str]], output_dir: s
     if missing:
         raise ValueError(f"filter: {len(missing)} sample(s) not found in their source shards, e.g. {missing[0]}")
 
-    _atomic_write(fs, paths["tar"], lambda f: write_samples(f, samples))
+    atomic_write(fs, paths["tar"], lambda f: write_samples(f, samples))
     stats = {"shard_id": shard_id, "total": len(plan), "success": len(plan), "failed": 0,
              "failures_by_reason": {}, "sources": sorted(posixpath.basename(t) for t in wanted)}
-    _atomic_write(fs, paths["stats"], lambda f: f.write(json.dumps(stats, indent=1).encode()))
+    atomic_write(fs, paths["stats"], lambda f: f.write(json.dumps(stats, indent=1).encode()))
     return stats
 
 
 def filter_shards(shard_dir: str, output_dir: str, cfg: FilterConfig, *, scores_dir: str | None = None,
                   progress: bool = True) -> dict:
-    """Apply the rules and write the new shard set; returns the manifest summary."""
+    """Apply the rules and write the new shard set (on the caller's Ray); returns the manifest summary."""
     from tqdm import tqdm
-
-    from data_pipeline.ingest.driver import _ray_session
 
     start = time.monotonic()
     out_fs, out_root = fsspec.core.url_to_fs(output_dir)
@@ -149,16 +147,16 @@ def filter_shards(shard_dir: str, output_dir: str, cfg: FilterConfig, *, scores_
     extra = {r["key"]: {"clip_score": r["clip_score"], "phash": r["phash"]} for r in kept}
     out_fs.makedirs(out_root, exist_ok=True)
     if plans:
-        with _ray_session() as ray:
-            task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(write_output_shard)
-            refs = [task.remote(sid, plan, output_dir, {k: extra[k] for _, k in plan})
-                    for sid, plan in enumerate(plans)]
-            for ref in tqdm(refs, unit="shard", disable=not progress, desc="filter"):
-                ray.get(ref)
+        ray = initialised_ray("filter")
+        task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=True)(write_output_shard)
+        refs = [task.remote(sid, plan, output_dir, {k: extra[k] for _, k in plan})
+                for sid, plan in enumerate(plans)]
+        for ref in tqdm(refs, unit="shard", disable=not progress, desc="filter"):
+            ray.get(ref)
     manifest = pa.Table.from_pylist(
         [{k: r[k] for k in ("key", "shard", "clip_score", "phash", "kept", "reason", "detail", "output_shard")}
          for r in rows])
-    _atomic_write(out_fs, f"{out_root}/manifest.parquet", lambda f: pq.write_table(manifest, f))
+    atomic_write(out_fs, f"{out_root}/manifest.parquet", lambda f: pq.write_table(manifest, f))
     summary = {
         "source": shard_dir,
         "rules": cfg.model_dump(),
@@ -168,5 +166,5 @@ def filter_shards(shard_dir: str, output_dir: str, cfg: FilterConfig, *, scores_
         "shard_sizes": [len(p) for p in plans],
         "elapsed_s": round(time.monotonic() - start, 3),
     }
-    _atomic_write(out_fs, f"{out_root}/manifest.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    atomic_write(out_fs, f"{out_root}/manifest.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary

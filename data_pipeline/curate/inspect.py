@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from data_pipeline.config import MAX_PIXELS
-from data_pipeline.ingest.driver import Rejected, _atomic_write, open_image
-from data_pipeline.shards.reader import iter_tar_samples, list_shards
+from data_pipeline.ingest.codec import Rejected, open_image
+from data_pipeline.shards.format import IMAGE_EXTS, atomic_write
+from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
 SIZE_EDGES = (0, 64, 128, 256, 512, 1024, 2048, 4096)
 WORD_EDGES = (0, 1, 3, 5, 10, 20, 50, 100)
@@ -121,7 +122,7 @@ def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: in
     cells, skipped = [], []
     for tar in list_shards(shard_dir):
         for sample in iter_tar_samples(tar):
-            data = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             if data is None:
                 continue
             try:
@@ -155,5 +156,5 @@ def contact_sheet(shard_dir: str, out_path: str, *, count: int = 36, columns: in
     fs, path = fsspec.core.url_to_fs(out_path)
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
-    _atomic_write(fs, path, lambda f: f.write(buf.getvalue()))
+    atomic_write(fs, path, lambda f: f.write(buf.getvalue()))
     return len(cells), skipped

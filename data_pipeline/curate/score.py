@@ -10,11 +10,11 @@ scores exist.
 The CLIP model comes from the caller as a *scorer*: any picklable callable taking a batch
 of samples ({"__key__", "jpg"/"png"/"webp" bytes, "txt"}) and returning one float each.
 This package does not import ``vlm`` (the dependency rule runs cluster -> vlm ->
-data_pipeline); the ``vlm`` command builds the scorer from a checkpoint.
+data_pipeline); ``vlm data score`` builds the scorer from a checkpoint
+(``vlm.eval.clip_score``). The caller starts or joins Ray (``cluster.ray.session``).
 """
 from __future__ import annotations
 
-import io
 import posixpath
 import time
 from dataclasses import dataclass
@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from data_pipeline.config import ScoreConfig
-from data_pipeline.ingest.driver import Rejected, _atomic_write, open_image
-from data_pipeline.shards.reader import iter_tar_samples, list_shards
+from data_pipeline.ingest.codec import Rejected, open_image
+from data_pipeline.shards.format import IMAGE_EXTS, atomic_write
+from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 SCORE_SCHEMA = pa.schema([
     ("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("phash", pa.string()),
@@ -101,7 +101,7 @@ def score_shard(tar_url: str, out_url: str, cfg: ScoreConfig, scorer: Scorer | N
             records["clip_score"].append(None if value is None else float(value))
     table = pa.table(records, schema=SCORE_SCHEMA)
     fs, path = fsspec.core.url_to_fs(out_url)
-    _atomic_write(fs, path, lambda f: pq.write_table(table, f))
+    atomic_write(fs, path, lambda f: pq.write_table(table, f))
     return {"shard": tar_url, "samples": table.num_rows, "elapsed_s": round(time.monotonic() - start, 3)}
 
 
@@ -130,6 +130,17 @@ class ScoreSummary:
                 f"elapsed   {self.elapsed_s:.1f} s ({rate:.1f} samples/s)")
 
 
+def initialised_ray(what: str):
+    """The caller's Ray: this package never starts or joins one (that is
+    cluster.ray.session.ray_session's job)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError(f"data_pipeline {what} needs an initialised Ray: run it inside "
+                           f"cluster.ray.session.ray_session()")
+    return ray
+
+
 def _actor_count(ray, cfg: ScoreConfig, gpus: int) -> int:
     if cfg.actors:
         return cfg.actors
@@ -140,10 +151,8 @@ def _actor_count(ray, cfg: ScoreConfig, gpus: int) -> int:
 
 def score(shard_dir: str, cfg: ScoreConfig, *, scorer: Scorer | None = None,
           output_dir: str | None = None, progress: bool = True) -> ScoreSummary:
-    """Score every committed shard of ``shard_dir`` that has no scores yet."""
+    """Score every committed shard of ``shard_dir`` that has no scores yet (on the caller's Ray)."""
     from tqdm import tqdm
-
-    from data_pipeline.ingest.driver import _ray_session
 
     start = time.monotonic()
     shards = list_shards(shard_dir)
@@ -160,18 +169,18 @@ def score(shard_dir: str, cfg: ScoreConfig, *, scorer: Scorer | None = None,
         fs, path = fsspec.core.url_to_fs(output_dir)
         fs.makedirs(path, exist_ok=True)
     if todo:
-        with _ray_session() as ray:
-            from ray.util import ActorPool
+        ray = initialised_ray("score")
+        from ray.util import ActorPool
 
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            options = {"num_gpus": 1, "num_cpus": 1} if gpus and scorer is not None else {"num_cpus": 1}
-            n = min(_actor_count(ray, cfg, gpus), len(todo))
-            actor = ray.remote(ScoreActor).options(**options)
-            pool = ActorPool([actor.remote(cfg, scorer) for _ in range(n)])
-            results = pool.map_unordered(lambda a, job: a.score.remote(*job), todo)
-            for result in tqdm(results, total=len(todo), unit="shard", disable=not progress, desc="score"):
-                summary.shards_scored += 1
-                summary.samples += result["samples"]
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus and scorer is not None else {"num_cpus": 1}
+        n = min(_actor_count(ray, cfg, gpus), len(todo))
+        actor = ray.remote(ScoreActor).options(**options)
+        pool = ActorPool([actor.remote(cfg, scorer) for _ in range(n)])
+        results = pool.map_unordered(lambda a, job: a.score.remote(*job), todo)
+        for result in tqdm(results, total=len(todo), unit="shard", disable=not progress, desc="score"):
+            summary.shards_scored += 1
+            summary.samples += result["samples"]
     summary.elapsed_s = time.monotonic() - start
     return summary
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,11 +17,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.config import CorpusConfig, FetchConfig, IngestConfig
+from data_pipeline.config import FetchConfig, IngestConfig
+from demo.config import CorpusConfig
 from data_pipeline.ingest.driver import ingest
-from data_pipeline.shards.reader import ShardReader, list_shards
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import list_shards
 from demo.server import ImageServer
 from demo.corpus import generate_corpus
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 VLM = str(Path(sys.executable).parent / "vlm")
@@ -68,14 +70,11 @@ def s3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local(s3):
-    import ray
+    from cluster.ray.session import ray_session
 
-    from cluster.ray.loopback import loopback_env
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": {**loopback_env(), **s3}})
-    yield ray
-    ray.shutdown()
+    # the workers inherit the s3 fixture's variables (set in os.environ before Ray starts)
+    with ray_session(num_cpus=2, lean=True) as ray:
+        yield ray
 
 
 def _paths(corpus) -> list[str]:
@@ -172,15 +171,9 @@ def test_hostile_corpus_every_row_one_status(ray_local, corpus, server, private_
     assert keys == {s["__key__"] for s in seen}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_retry_failed_refetches_only_transient_failures(ray_local, corpus, server, tmp_path):
     paths = _paths(corpus)
-    port = _free_port()  # nothing listens here yet: connection_error
+    port = free_port()  # nothing listens here yet: connection_error
     rows = [{"url": f"{server.url}/{p}", "caption": f"good {i}"} for i, p in enumerate(paths[24:30])]
     rows += [{"url": f"http://127.0.0.1:{port}/{p}", "caption": f"late {i}"} for i, p in enumerate(paths[30:34])]
     rows += [{"url": server.broken_urls()["missing"], "caption": "missing"}]
@@ -207,7 +200,7 @@ def test_retry_failed_refetches_only_transient_failures(ray_local, corpus, serve
 
 
 def iter_all(out: Path):
-    from data_pipeline.shards.reader import iter_tar_samples
+    from data_pipeline.shards.samples import iter_tar_samples
 
     for tar in list_shards(str(out)):
         yield from iter_tar_samples(tar)

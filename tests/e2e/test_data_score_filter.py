@@ -14,10 +14,12 @@ import pytest
 from PIL import Image
 
 from cluster.cli.main import main
-from data_pipeline.config import CorpusConfig, FetchConfig, FilterConfig, IngestConfig
+from data_pipeline.config import FetchConfig, FilterConfig, IngestConfig
+from demo.config import CorpusConfig
 from data_pipeline.curate.filter import NearDuplicateIndex, balanced_sizes, select
-from data_pipeline.ingest.driver import ingest_shard
-from data_pipeline.shards.reader import ShardReader, iter_tar_samples, list_shards
+from data_pipeline.ingest.shard import ingest_shard
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import iter_tar_samples, list_shards
 from data_pipeline.curate.score import hamming
 from demo.server import ImageServer
 from demo.corpus import generate_corpus
@@ -54,13 +56,10 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    from cluster.ray.session import ray_session
 
-    from cluster.ray.loopback import loopback_env
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": loopback_env()})
-    yield ray
-    ray.shutdown()
+    with ray_session(num_cpus=2, lean=True) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +131,7 @@ def test_score_filter_inspect(ray_local, shards, checkpoint, tmp_path, capsys):
     import torch
 
     from vlm.data.batches import decode_image
-    from vlm.eval.runner import load_eval_model
+    from vlm.eval.load import load_eval_model
 
     model, text, cfg = load_eval_model(str(checkpoint))
     keys = sorted(samples)[:5]

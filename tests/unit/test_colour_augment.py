@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 from pydantic import ValidationError
 
-from data_pipeline.shards.reader import ShardReader, list_shards
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import list_shards
 from demo.corpus import COLOURS, render_image, word_synonyms
 from vlm.data.augment import colour_augment, rename_colours
 from vlm.config import COLOUR_WORDS, ColourAugmentConfig, load_config

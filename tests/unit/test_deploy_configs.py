@@ -342,8 +342,7 @@ def _lock_version(package: str) -> str:
 
 def check_ray_cluster_spec(spec: dict, where: str) -> list[dict]:
     """Checks one RayClusterSpec; returns its pod templates."""
-    from cluster.ray.session import worker_env
-    from cluster.ray.loopback import LOOPBACK_ENV
+    from cluster.ray.session import LOOPBACK_ENV, worker_env
 
     assert spec["rayVersion"] == _lock_version("ray"), f"{where}: rayVersion is not the locked ray"
     head = spec["headGroupSpec"]

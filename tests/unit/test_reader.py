@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from data_pipeline.shards.reader import MixedReader, ReaderConfig, ShardReader, build_reader, list_shards
+from data_pipeline.shards.reader import MixedReader, ReaderConfig, ShardReader, build_reader
+from data_pipeline.shards.samples import list_shards
 from support.shardgen import write_shards
 
 
@@ -320,7 +321,7 @@ def with_bad(tmp_path_factory):
 
 
 def test_undecodable_caption_or_metadata_marks_the_sample_not_the_stream(with_bad):
-    from data_pipeline.shards.reader import iter_tar_samples
+    from data_pipeline.shards.samples import iter_tar_samples
 
     samples = {s["__key__"]: s for s in iter_tar_samples(with_bad[1])}
     assert len(samples) == 9  # the shard is read to its end

@@ -3,7 +3,7 @@
 system of the cluster, by `vlm cluster submit`. A mistake is then a ConfigError (exit
 status 2) naming the key, file or directory, in a second, instead of a traceback out of a
 worker group minutes later. The engine checks a resumed config again itself
-(vlm.config.check_resume_config), for `python -m vlm.train.trainer` and remote checkpoints."""
+(vlm.config_changes.check_resume_config), for `python -m vlm.train.trainer` and remote checkpoints."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vlm.config import ConfigError, RunConfig, check_resume_config
+from vlm.config import ConfigError, RunConfig
+from vlm.config_changes import check_resume_config
 
 
 def check_batch(cfg: RunConfig) -> None:
@@ -33,14 +34,17 @@ def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     tag), whose saved config may differ from cfg only in RESUME_CHANGEABLE keys. Returns
     the checkpoint found (None: a fresh run, or one on a remote store, left to the
     workers, which check it as they load it)."""
-    from vlm.checkpoint.store import has_checkpoint, is_remote, load_trainer_state, locate
+    from vlm.checkpoint.discover import has_checkpoint, read_latest
+    from vlm.checkpoint.layout import is_remote
+    from vlm.checkpoint.resolve import locate
+    from vlm.checkpoint.safeload import load_trainer_state
 
     root = cfg.path(cfg.train.checkpoint_dir)
     if not resume:
-        latest = Path(root) / "latest"
-        if not is_remote(root) and latest.is_file():
+        latest = None if is_remote(root) else read_latest(Path(root))
+        if latest is not None:
             raise ConfigError(f"{cfg.run_dir} already has checkpoints in {root} (newest: "
-                              f"{latest.read_text().strip()}): pass --resume latest to continue it, or "
+                              f"{latest}): pass --resume latest to continue it, or "
                               "--set run_dir=NEW_DIR to start over")
         return None
     if resume == "auto":

@@ -7,7 +7,7 @@ then costs O(b·B) memory, never O(B²). Written out here rather than through
 torch.distributed.nn's all_gather, which is deprecated in torch 2.13; all_gather and
 all_reduce are the two collectives every backend, gloo included, supports.
 `gather_labels` is the gradient-free counterpart for integer per-sample fields (UniCL's
-labels)."""
+labels); `gather_objects` gathers any picklable object (checkpoint metadata, eval shares)."""
 from __future__ import annotations
 
 import torch
@@ -53,3 +53,12 @@ def gather_labels(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order: [obj] outside torch.distributed."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,31 +1,14 @@
-"""`vlm ckpt list|inspect|export`: what a run's checkpoints hold, whether they are whole,
-and a single-file fp32 export of the model for evaluation or sharing.
+"""`vlm ckpt list|inspect|export`: parses the commands and prints what vlm.checkpoint reports.
 
-Validity follows vlm/checkpoint/store.py: a tag without a manifest is *incomplete* (its save
-never finished); one whose files differ from the manifest's sizes or sha256 is *corrupt*,
-and the message names the file; one with a file that needs a pickled global outside the
-allow-list of tensors and plain data (or a manifest name leaving the directory) is
-*unsafe*, and the message names the file and the global. Nothing here unpickles a file
-any other way (vlm.checkpoint.store.load)."""
+What a run's checkpoints hold and whether they are whole (ok, incomplete, corrupt, unsafe)
+is vlm/checkpoint/inspect.py's; the single-file fp32 export is vlm/checkpoint/export.py's.
+Both are imported inside the commands: they import torch, which `vlm --help` should not
+wait for."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-
-
-class _Checkpoint:
-    """vlm.checkpoint.store, imported on first use: it imports torch (~2 s), which every other
-    `vlm` command, --help included, should not wait for just because this module
-    registers its parser."""
-
-    def __getattr__(self, name: str):
-        from vlm.checkpoint import store as module
-
-        return getattr(module, name)
-
-
-checkpoint = _Checkpoint()
 
 
 def add_ckpt_commands(sub, config_args) -> None:
@@ -76,188 +59,6 @@ def add_ckpt_commands(sub, config_args) -> None:
     p.set_defaults(func=cmd_export)
 
 
-# -- reading checkpoints without DeepSpeed -----------------------------------------------------
-
-
-def _root(run_dir: str) -> Path:
-    """RUN_DIR/checkpoints, or RUN_DIR itself when it is that directory."""
-    p = Path(run_dir)
-    if not p.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    if (p / "checkpoints").is_dir():
-        return p / "checkpoints"
-    if (p / "latest").is_file() or any((d / checkpoint.MANIFEST).is_file() for d in p.iterdir() if d.is_dir()):
-        return p
-    raise FileNotFoundError(f"{run_dir} has no checkpoints/ directory: is it a run directory?")
-
-
-def _latest(root: Path) -> str | None:
-    f = root / "latest"
-    return f.read_text().strip() if f.is_file() else None
-
-
-def check(ckpt: Path, *, checksums: bool = True) -> tuple[str, str | None]:
-    """-> (status, problem): ("ok", None), ("incomplete", why), ("corrupt", which file) or
-    ("unsafe", which file needs which global). Every .pt file is proved safe to load (without
-    reading its tensors), whatever the manifest says: whoever wrote the file could rewrite it."""
-    try:
-        checkpoint.check_files(ckpt)
-    except checkpoint.UnsafeCheckpointError as e:
-        return "unsafe", f"{e.path.relative_to(ckpt)} needs {e.needs}, not tensors or plain data: never loaded"
-    except ValueError:
-        pass  # unreadable: the manifest check below names the file that differs
-    if not (ckpt / checkpoint.MANIFEST).is_file():
-        return "incomplete", f"no {checkpoint.MANIFEST}: the save did not finish"
-    try:
-        manifest = json.loads((ckpt / checkpoint.MANIFEST).read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as e:
-        return "corrupt", f"{checkpoint.MANIFEST} is unreadable ({e})"
-    try:
-        if checksums:
-            checkpoint.verify(ckpt)
-        else:
-            for name, meta in files.items():
-                p = checkpoint.inside(ckpt, name, where=ckpt / checkpoint.MANIFEST)
-                if not p.is_file() or p.stat().st_size != meta["bytes"]:
-                    raise ValueError(f"checkpoint {ckpt} is corrupt: {name} does not match its manifest")
-    except checkpoint.UnsafeCheckpointError as e:
-        return "unsafe", str(e)
-    except ValueError as e:
-        return "corrupt", str(e).split(": ", 1)[-1]
-    return "ok", None
-
-
-def _trainer_state(ckpt: Path) -> tuple[dict | None, str | None]:
-    if not (ckpt / checkpoint.TRAINER_STATE).is_file():
-        return None, f"no {checkpoint.TRAINER_STATE}"
-    try:
-        return checkpoint.load_trainer_state(ckpt), None
-    except Exception as e:  # a torn or foreign file: report it, never crash a listing
-        return None, f"{checkpoint.TRAINER_STATE} is unreadable ({type(e).__name__}: {e})"
-
-
-def _step(ckpt: Path, state: dict | None) -> int | None:
-    if state is not None:
-        return state.get("step")
-    try:
-        return json.loads((ckpt / checkpoint.MANIFEST).read_text())["step"]
-    except (OSError, ValueError, KeyError):
-        tail = ckpt.name.rsplit("_", 1)[-1]
-        return int(tail) if tail.isdigit() else None
-
-
-def _files(ckpt: Path) -> dict[str, int]:
-    return {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*")) if p.is_file()}
-
-
-def describe_tag(ckpt: Path, *, latest: str | None, checksums: bool = True) -> dict:
-    """One row of `vlm ckpt list`."""
-    status, problem = check(ckpt, checksums=checksums)
-    state, state_problem = _trainer_state(ckpt) if status != "unsafe" else (None, None)
-    if status == "ok" and state_problem:
-        status, problem = "corrupt", state_problem
-    return {"tag": ckpt.name, "step": _step(ckpt, state),
-            "samples_seen": state.get("samples_seen") if state else None,
-            "world_size": state.get("world_size") if state else None,
-            "bytes": sum(_files(ckpt).values()), "status": status, "problem": problem,
-            "latest": ckpt.name == latest, "path": str(ckpt)}
-
-
-def list_tags(run_dir: str, *, checksums: bool = True) -> tuple[list[dict], str | None]:
-    """Every tag under the run, newest step first, and the tag `latest` names."""
-    root = _root(run_dir)
-    tags = [d for d in root.iterdir() if d.is_dir()]
-    if not tags:
-        raise FileNotFoundError(f"no checkpoints under {root}")
-    latest = _latest(root)
-    rows = [describe_tag(d, latest=latest, checksums=checksums) for d in tags]
-    rows.sort(key=lambda r: (r["step"] if r["step"] is not None else -1, r["tag"]), reverse=True)
-    return rows, latest
-
-
-def _param_shapes(ckpt: Path, stage: int) -> dict[str, tuple]:
-    """Parameter name -> shape, from the model-states file's shape table (no weights loaded)."""
-    name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
-    states = checkpoint.load(ckpt / name, mmap=True)
-    shapes = {}
-    for group in states.get("param_shapes") or []:
-        shapes.update({k: tuple(v) for k, v in group.items()})
-    shapes.update({k: tuple(v) for k, v in (states.get("frozen_param_shapes") or {}).items()})
-    if not shapes:  # written without a shape table: count the module's tensors
-        shapes = {k: tuple(v.shape) for k, v in states["module"].items() if k not in states.get("buffer_names", ())}
-    return shapes
-
-
-def _component(name: str, objective_names: list[str]) -> str:
-    parts = name.split(".")
-    if parts[0] == "objectives" and len(parts) > 1 and parts[1].isdigit():
-        i = int(parts[1])
-        return f"objective {i} ({objective_names[i] if i < len(objective_names) else '?'})"
-    return ".".join(parts[:2])
-
-
-def _model_summary(ckpt: Path, state: dict) -> dict:
-    from math import prod
-
-    from vlm.checkpoint.export import zero_stage
-
-    objectives = [o["name"] for o in state["config"]["objectives"]]
-    shapes = _param_shapes(ckpt, zero_stage(state))
-    by_component: dict[str, int] = {}
-    for name, shape in shapes.items():
-        key = _component(name, objectives)
-        by_component[key] = by_component.get(key, 0) + prod(shape)
-    model = sum(n for k, n in by_component.items() if k.startswith("model"))
-    return {"parameters": sum(by_component.values()), "model_parameters": model, "by_component": by_component,
-            "tensors": len(shapes)}
-
-
-def inspect_checkpoint(ckpt: Path, *, checksums: bool = True) -> dict:
-    from vlm.checkpoint.export import zero_stage
-
-    status, problem = check(ckpt, checksums=checksums)
-    out = {"path": str(ckpt), "tag": ckpt.name, "status": status, "problem": problem,
-           "checksums": checksums, "files": _files(ckpt)}
-    if status == "unsafe":
-        return out
-    state, state_problem = _trainer_state(ckpt)
-    if state is None:
-        out.update(status="corrupt" if status == "ok" else status, problem=problem or state_problem)
-        return out
-    cfg = state["config"]
-    out.update({"step": state.get("step"), "samples_seen": state.get("samples_seen"),
-                "world_size": state.get("world_size"), "zero_stage": zero_stage(state),
-                "precision": cfg["train"].get("precision"),
-                "objectives": [{"name": o["name"], "weight": o.get("weight")} for o in cfg["objectives"]],
-                "model_config": cfg["model"]})
-    try:
-        out["model"] = _model_summary(ckpt, state)
-    except Exception as e:  # report, do not crash: the manifest check says which file is bad
-        out["model"] = {"error": f"{type(e).__name__}: {e}"}
-    return out
-
-
-def _inspect_target(path: str, tag: str) -> Path:
-    """A checkpoint dir as given, or RUN_DIR's tag (whole or not: inspect reports on it)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint or run directory not found: {path}")
-    if any((p / name).is_file() for name in (checkpoint.MANIFEST, checkpoint.TRAINER_STATE)) \
-            or any(p.glob("*model_states.pt")):
-        return p
-    root = _root(path)
-    where = root
-    if tag == "latest":
-        tag, where = _latest(root), root / "latest"
-        if tag is None:
-            raise FileNotFoundError(f"{root} has no 'latest' file: pass --tag (vlm ckpt list {path} shows the tags)")
-    ckpt = checkpoint.inside(root, tag, what="checkpoint tag", where=where, tag=True)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag} under {root} (vlm ckpt list {path} shows the tags)")
-    return ckpt
-
-
 # -- output ---------------------------------------------------------------------------------
 
 
@@ -274,6 +75,8 @@ def _blank(v) -> str:
 
 
 def cmd_list(args) -> int:
+    from vlm.checkpoint.inspect import list_tags
+
     rows, latest = list_tags(args.run_dir, checksums=not args.no_verify)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -314,7 +117,9 @@ def _print_inspection(info: dict) -> None:
 
 
 def cmd_inspect(args) -> int:
-    info = inspect_checkpoint(_inspect_target(args.path, args.tag), checksums=not args.no_verify)
+    from vlm.checkpoint.inspect import inspect_checkpoint, inspect_target
+
+    info = inspect_checkpoint(inspect_target(args.path, args.tag), checksums=not args.no_verify)
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -324,13 +129,14 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from vlm.checkpoint.export import export_safetensors
+    from vlm.checkpoint.resolve import resolve_verified
 
     out = Path(args.output)
     if out.suffix != ".safetensors":
         raise ValueError(f"--output must be a .safetensors file, not {args.output}")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
-    ckpt = checkpoint.resolve_verified(args.path, args.tag)
+    ckpt = resolve_verified(args.path, args.tag)
     summary = export_safetensors(ckpt, out)
     print(f"exported {ckpt} (step {summary['step']}, ZeRO-{summary['zero_stage']}) to {out}: "
           f"{summary['tensors']} tensors, {summary['parameters']:,} fp32 parameters "

@@ -2,16 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.layout import tag_for_step
+from vlm.checkpoint.resolve import resolve
+from vlm.checkpoint.store import prune
+from vlm.checkpoint.verify import verify, write_manifest
 
 
 def make(root: Path, step: int, *, complete: bool = True) -> Path:
-    d = root / checkpoint.tag_for_step(step)
+    d = root / tag_for_step(step)
     d.mkdir(parents=True)
     (d / "mp_rank_00_model_states.pt").write_bytes(b"weights %d" % step)
     (d / "trainer_state.pt").write_bytes(b"state %d" % step)
     if complete:
-        checkpoint.write_manifest(d, step)
+        write_manifest(d, step)
     return d
 
 
@@ -25,17 +28,17 @@ def run(tmp_path):
 
 
 def test_latest_resolves_and_verifies(run):
-    assert checkpoint.resolve(str(run), verify_files=True).name == "step_00000030"
-    assert checkpoint.resolve(str(run), "step_00000010").name == "step_00000010"
+    assert resolve(str(run), verify_files=True).name == "step_00000030"
+    assert resolve(str(run), "step_00000010").name == "step_00000010"
     with pytest.raises(FileNotFoundError, match="step_00000099 is incomplete or missing"):
-        checkpoint.resolve(str(run), "step_00000099")
+        resolve(str(run), "step_00000099")
 
 
 def test_corrupt_newest_falls_back_to_previous_and_says_which_file(run):
     with open(run / "checkpoints" / "step_00000030" / "trainer_state.pt", "ab") as f:
         f.write(b"garbage")
     said = []
-    ckpt = checkpoint.resolve(str(run), verify_files=True, warn=said.append)
+    ckpt = resolve(str(run), verify_files=True, warn=said.append)
     assert ckpt.name == "step_00000020"
     assert len(said) == 1 and "trainer_state.pt does not match its manifest" in said[0]
 
@@ -44,30 +47,30 @@ def test_truncated_and_missing_files_are_detected(run):
     ckpt = run / "checkpoints" / "step_00000030"
     (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"w")  # truncated
     with pytest.raises(ValueError, match="mp_rank_00_model_states.pt does not match"):
-        checkpoint.verify(ckpt)
+        verify(ckpt)
     (ckpt / "mp_rank_00_model_states.pt").unlink()
     with pytest.raises(ValueError, match="mp_rank_00_model_states.pt does not match"):
-        checkpoint.verify(ckpt)
+        verify(ckpt)
 
 
 def test_incomplete_newest_is_skipped(run):
     make(run / "checkpoints", 40, complete=False)
     (run / "checkpoints" / "latest").write_text("step_00000040")
     said = []
-    assert checkpoint.resolve(str(run), verify_files=True, warn=said.append).name == "step_00000030"
+    assert resolve(str(run), verify_files=True, warn=said.append).name == "step_00000030"
     assert "no manifest.json" in said[0]
 
 
 def test_nothing_complete_is_an_error(tmp_path):
     make(tmp_path / "checkpoints", 5, complete=False)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint.resolve(str(tmp_path), warn=lambda m: None)
+        resolve(str(tmp_path), warn=lambda m: None)
 
 
 def test_prune_keeps_the_newest_and_leaves_incomplete_dirs(run):
     partial = make(run / "checkpoints", 35, complete=False)
-    removed = checkpoint.prune(run / "checkpoints", keep=2)
+    removed = prune(run / "checkpoints", keep=2)
     assert [d.name for d in removed] == ["step_00000010"]
     left = sorted(d.name for d in (run / "checkpoints").iterdir() if d.is_dir())
     assert left == ["step_00000020", "step_00000030", partial.name]
-    assert checkpoint.prune(run / "checkpoints", keep=0) == []
+    assert prune(run / "checkpoints", keep=0) == []

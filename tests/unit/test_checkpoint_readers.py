@@ -1,5 +1,5 @@
 """Every command that reads a checkpoint follows `vlm train --resume`'s rule
-(checkpoint.resolve_verified): the files are checked against the manifest; a run whose
+(resolve_verified): the files are checked against the manifest; a run whose
 newest checkpoint is torn falls back to the previous complete one with a warning on stderr
 that names the bad file and the checkpoint used instead; a checkpoint named explicitly
 (its directory, or --tag) that is torn is refused (exit 1), naming the file, never
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from support.shardgen import TINY_MODEL, set_args
-from test_ckpt_cli import _free_port, vlm
+from test_ckpt_cli import vlm
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 OLD, NEW = "step_00000001", "step_00000002"
@@ -48,7 +49,7 @@ def runs(tmp_path_factory) -> Path:
                     "train.num_workers=1", "train.precision=fp32", "optim.warmup_steps=1", "metrics.enabled=false",
                     "eval.every_steps=0")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "GLOO_SOCKET_IFNAME": "lo",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "vlm.train.trainer", "--config", str(REPO / "configs" / "demo.yaml"),
                            *sets], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -74,7 +75,7 @@ def refused(rc: int, err: str) -> bool:
 def test_eval_falls_back_and_refuses_the_named_torn_checkpoint(runs, capsys, tmp_path):
     import torch
 
-    from vlm.eval.runner import load_eval_model
+    from vlm.eval.load import load_eval_model
 
     torn = runs / "torn"
     capsys.readouterr()
@@ -119,9 +120,9 @@ def test_data_score_falls_back_and_refuses(runs, capsys, tmp_path):
     import torch
     from PIL import Image
 
-    from cluster.cli.data import CheckpointClipScorer
+    from vlm.eval.clip_score import CheckpointClipScorer
     from vlm.data.batches import decode_image
-    from vlm.eval.runner import load_eval_model
+    from vlm.eval.load import load_eval_model
 
     torn = runs / "torn"
     capsys.readouterr()
@@ -145,9 +146,9 @@ def test_data_score_falls_back_and_refuses(runs, capsys, tmp_path):
 
 def test_train_resume_keeps_its_behaviour(runs):
     """locate (vlm train --resume) still falls back the same way, through its own warn."""
-    from vlm.checkpoint import store as checkpoint
+    from vlm.checkpoint.resolve import locate, resolve_verified
 
     warnings: list[str] = []
     torn = runs / "torn"
-    got = checkpoint.locate("latest", str(torn / "checkpoints"), cache=None, warn=warnings.append)
+    got = locate("latest", str(torn / "checkpoints"), cache=None, warn=warnings.append)
     assert got == torn / "checkpoints" / OLD and len(warnings) == 1 and BAD in warnings[0]

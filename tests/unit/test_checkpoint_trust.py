@@ -23,8 +23,14 @@ import pytest
 import torch
 
 from support.shardgen import TINY_MODEL, set_args
-from test_ckpt_cli import MICRO, RANKS, _free_port, _launch, vlm
-from vlm.checkpoint import store as checkpoint
+from test_ckpt_cli import MICRO, RANKS, _launch, vlm
+from vlm.checkpoint.discover import complete_tags
+from vlm.checkpoint.layout import UnsafeCheckpointError
+from vlm.checkpoint.resolve import fetch_remote, resolve
+from vlm.checkpoint.rng import set_rng_state
+from vlm.checkpoint.safeload import check_files, load, load_trainer_state, weights_only_loads
+from vlm.checkpoint.verify import verify, write_manifest
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "step_00000003"
@@ -87,14 +93,14 @@ def planted(runs: Path, tmp_path: Path, kind: str) -> tuple[Path, Path, Path]:
     run = tmp_path / name
     shutil.copytree(runs / name, run, symlinks=True)
     victim, marker = run / rel, tmp_path / "MARKER"
-    state = checkpoint.load(victim)
+    state = load(victim)
     if isinstance(state, dict):
         state["extra"] = Payload(marker)
     else:
         state = [state, Payload(marker)]
     torch.save(state, victim)
     if "universal" not in kind:
-        checkpoint.write_manifest(victim.parent, 3)
+        write_manifest(victim.parent, 3)
     return run, victim, marker
 
 
@@ -113,14 +119,14 @@ def test_every_file_of_real_checkpoints_loads_with_weights_only(runs):
                                        "optimizer_state.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                                        "zero_pp_rank_1_mp_rank_00_model_states.pt"}
     for p in files:
-        checkpoint.load(p)
+        load(p)
     for name in ("z0", "z2", "z3"):
-        for ckpt in checkpoint.complete_tags(runs / name / "checkpoints"):
-            assert checkpoint.resolve(str(ckpt), verify_files=True) == ckpt
+        for ckpt in complete_tags(runs / name / "checkpoints"):
+            assert resolve(str(ckpt), verify_files=True) == ckpt
     # the trainer state is plain data: not even NumPy's globals
     state_file = runs / "z0" / "checkpoints" / TAG / "trainer_state.pt"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(state_file) == []
-    rng = checkpoint.load(state_file)["ranks"][0]["rng"]
+    rng = load(state_file)["ranks"][0]["rng"]
     assert isinstance(rng["numpy"][1], list)
 
 
@@ -133,13 +139,13 @@ def test_a_trainer_state_with_numpy_rng_arrays_still_loads(tmp_path):
     old = {"step": 1, "ranks": [{"rng": {"python": __import__("random").getstate(), "numpy": np.random.get_state(),
                                          "torch": torch.get_rng_state(), "cuda": None}}]}
     torch.save(old, tmp_path / "trainer_state.pt")
-    state = checkpoint.load_trainer_state(tmp_path)
-    checkpoint.set_rng_state(state["ranks"][0]["rng"])
+    state = load_trainer_state(tmp_path)
+    set_rng_state(state["ranks"][0]["rng"])
     expected = np.random.RandomState(7).rand(3)
     assert np.array_equal(np.random.rand(3), expected)
     shutil.copy(tmp_path / "trainer_state.pt", tmp_path / "other.pt")  # elsewhere NumPy is not allowed
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="numpy"):
-        checkpoint.load(tmp_path / "other.pt")
+    with pytest.raises(UnsafeCheckpointError, match="numpy"):
+        load(tmp_path / "other.pt")
 
 
 # -- the loader refuses a payload in every kind of file ---------------------------------------
@@ -148,16 +154,16 @@ def test_a_trainer_state_with_numpy_rng_arrays_still_loads(tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_loader_refuses_a_payload_in_every_kind_of_file(runs, tmp_path, kind):
     run, victim, marker = planted(runs, tmp_path, kind)
-    with pytest.raises(checkpoint.UnsafeCheckpointError) as e:
-        checkpoint.load(victim)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        load(victim)
     assert refused(str(e.value), victim) and e.value.path == victim and e.value.needs == "the global io.open"
     ckpt = victim.parent if victim.parent.name == TAG else run / ".universal" / TAG
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="io.open"):
-        checkpoint.check_files(ckpt)
+    with pytest.raises(UnsafeCheckpointError, match="io.open"):
+        check_files(ckpt)
     if "universal" not in kind:  # a planted checkpoint is refused, not skipped for the previous one
-        with pytest.raises(checkpoint.UnsafeCheckpointError, match="io.open"):
-            checkpoint.resolve(str(run), verify_files=True, warn=pytest.fail)
-    with pytest.raises(Exception), checkpoint.weights_only_loads():  # DeepSpeed's own load, forced
+        with pytest.raises(UnsafeCheckpointError, match="io.open"):
+            resolve(str(run), verify_files=True, warn=pytest.fail)
+    with pytest.raises(Exception), weights_only_loads():  # DeepSpeed's own load, forced
         torch.load(victim, weights_only=False)
     assert not marker.exists()
 
@@ -243,7 +249,7 @@ def test_train_workers_refuse_too(runs, tmp_path, kind):
     if "universal" not in kind:  # no cached universal copy: the conversion reads every file
         shutil.rmtree(run / ".universal")
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "vlm.train.trainer", *_config(run, runs, "train.zero_stage=2"),
                            "--resume", "latest"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     out = proc.stdout + proc.stderr
@@ -258,7 +264,7 @@ def test_train_workers_refuse_too(runs, tmp_path, kind):
 def _tiny_checkpoint(ckpt: Path, step: int) -> None:
     ckpt.mkdir(parents=True)
     torch.save({"step": step, "w": torch.ones(2)}, ckpt / "trainer_state.pt")
-    checkpoint.write_manifest(ckpt, step)
+    write_manifest(ckpt, step)
 
 
 def _upload(fs, local: Path, url: str) -> None:
@@ -281,8 +287,8 @@ def store(tmp_path):
 
 def test_remote_fetch_of_a_legitimate_checkpoint(store, tmp_path):
     fs, url = store
-    got = checkpoint.fetch_remote(url, "latest", tmp_path / "cache")
-    assert got == tmp_path / "cache" / "step_00000001" and checkpoint.load_trainer_state(got)["step"] == 1
+    got = fetch_remote(url, "latest", tmp_path / "cache")
+    assert got == tmp_path / "cache" / "step_00000001" and load_trainer_state(got)["step"] == 1
 
 
 @pytest.mark.parametrize("bad", ["../evil", "../../evil", "ABSOLUTE", "zero/../../evil"])
@@ -298,8 +304,8 @@ def test_remote_manifest_names_cannot_leave_the_cache(store, tmp_path, bad):
     fs.pipe_file(f"{url}/latest", b"step_00000002")
     cache = tmp_path / "sub" / "cache"
     for tag in ("latest", "step_00000002"):  # refused, not skipped for step_00000001
-        with pytest.raises(checkpoint.UnsafeCheckpointError) as e:
-            checkpoint.fetch_remote(url, tag, cache, warn=pytest.fail)
+        with pytest.raises(UnsafeCheckpointError) as e:
+            fetch_remote(url, tag, cache, warn=pytest.fail)
         assert repr(bad) in str(e.value) and "manifest.json" in str(e.value)
     assert list(tmp_path.rglob("*evil*")) == []
     assert not (cache / "step_00000002").exists()  # nothing written before every name was checked
@@ -317,8 +323,8 @@ def test_remote_manifest_name_through_a_symlink_is_refused(store, tmp_path):
     manifest["files"]["zero/fp32.pt"] = meta
     fs.pipe_file(f"{url}/step_00000001/zero/fp32.pt", b"evil")
     fs.pipe_file(f"{url}/step_00000001/manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="resolves outside"):
-        checkpoint.fetch_remote(url, "step_00000001", cache)
+    with pytest.raises(UnsafeCheckpointError, match="resolves outside"):
+        fetch_remote(url, "step_00000001", cache)
     assert list(outside.iterdir()) == []
 
 
@@ -327,13 +333,13 @@ def test_remote_latest_and_tags_cannot_leave(store, tmp_path, bad):
     fs, url = store
     fs.pipe_file(f"{url}/latest", bad.encode())
     if bad == "":  # an empty pointer names nothing: the newest complete tag
-        assert checkpoint.fetch_remote(url, "latest", tmp_path / "cache").name == "step_00000001"
+        assert fetch_remote(url, "latest", tmp_path / "cache").name == "step_00000001"
         return
-    with pytest.raises(checkpoint.UnsafeCheckpointError) as e:
-        checkpoint.fetch_remote(url, "latest", tmp_path / "cache", warn=pytest.fail)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        fetch_remote(url, "latest", tmp_path / "cache", warn=pytest.fail)
     assert repr(bad) in str(e.value) and f"{url}/latest" in str(e.value)
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="refusing checkpoint tag"):
-        checkpoint.fetch_remote(url, bad, tmp_path / "cache")
+    with pytest.raises(UnsafeCheckpointError, match="refusing checkpoint tag"):
+        fetch_remote(url, bad, tmp_path / "cache")
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no cache: refused before anything is written
 
 
@@ -344,11 +350,11 @@ def test_local_latest_and_tags_cannot_leave(tmp_path, capsys, bad):
     _tiny_checkpoint(tmp_path / "run" / "x", 5)  # a complete checkpoint where '../x' leads
     (root / "link").symlink_to(tmp_path / "run" / "x")
     (root / "latest").write_text(bad)
-    with pytest.raises(checkpoint.UnsafeCheckpointError) as e:  # refused, not skipped for step_00000001
-        checkpoint.resolve(str(tmp_path / "run"), verify_files=True, warn=pytest.fail)
+    with pytest.raises(UnsafeCheckpointError) as e:  # refused, not skipped for step_00000001
+        resolve(str(tmp_path / "run"), verify_files=True, warn=pytest.fail)
     assert repr(bad) in str(e.value) and str(root / "latest") in str(e.value)
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="refusing checkpoint tag"):
-        checkpoint.resolve(str(tmp_path / "run"), bad)
+    with pytest.raises(UnsafeCheckpointError, match="refusing checkpoint tag"):
+        resolve(str(tmp_path / "run"), bad)
     rc, _, err = vlm(capsys, "ckpt", "inspect", tmp_path / "run")
     assert rc == 1 and repr(bad) in err
 
@@ -360,7 +366,7 @@ def test_local_manifest_names_cannot_leave(tmp_path, capsys):
     manifest = json.loads((ckpt / "manifest.json").read_text())
     manifest["files"]["../../../secret"] = {"bytes": 1, "sha256": "0" * 64}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="'../../../secret'"):
-        checkpoint.verify(ckpt)
+    with pytest.raises(UnsafeCheckpointError, match="'../../../secret'"):
+        verify(ckpt)
     rc, out, _ = vlm(capsys, "ckpt", "list", tmp_path / "run", "--json")
     assert rc == 1 and json.loads(out)[0]["status"] == "unsafe"

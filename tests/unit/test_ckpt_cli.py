@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,14 +51,10 @@ def train_stages(base: Path, stages: list[int]) -> None:
             torch.save(weights, run / ENGINE_WEIGHTS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(base: Path, stages: list[int], world_size: int) -> None:
-    port = str(_free_port())
+    from support.ports import free_port  # here: run as a script, this file has no tests/ on its path yet
+
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
@@ -178,7 +173,7 @@ def test_export_equals_the_engine_weights(runs, tmp_path, capsys, stage):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vlm.checkpoint import store as checkpoint
+    from vlm.checkpoint.safeload import load_trainer_state
 
     out = tmp_path / "model.safetensors"
     rc, stdout, err = vlm(capsys, "ckpt", "export", runs / f"z{stage}", "--output", out)
@@ -192,7 +187,7 @@ def test_export_equals_the_engine_weights(runs, tmp_path, capsys, stage):
         assert exported[k].dtype == torch.float32 and torch.equal(exported[k], v), k
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
-    state = checkpoint.load_trainer_state(tags(runs / f"z{stage}") / "step_00000003")
+    state = load_trainer_state(tags(runs / f"z{stage}") / "step_00000003")
     assert json.loads(meta["vlm_config"]) == state["config"]
     assert meta["vlm_tokenizer"] == (runs / f"z{stage}" / "tokenizer.json").read_text()
     assert meta["vlm_step"] == "3" and json.loads(meta["vlm_objectives"]) == ["clip_infonce"]
@@ -200,7 +195,7 @@ def test_export_equals_the_engine_weights(runs, tmp_path, capsys, stage):
 
 @pytest.mark.parametrize("stage", [0, 3])
 def test_eval_loads_the_export_like_the_checkpoint(runs, tmp_path, capsys, stage):
-    from vlm.eval.runner import load_eval_model
+    from vlm.eval.load import load_eval_model
 
     out = tmp_path / "model.safetensors"
     assert vlm(capsys, "ckpt", "export", runs / f"z{stage}", "--output", out)[0] == 0
@@ -229,7 +224,7 @@ def test_eval_loads_the_export_like_the_checkpoint(runs, tmp_path, capsys, stage
 def test_export_errors_are_clear(runs, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from vlm.eval.runner import load_eval_model
+    from vlm.eval.load import load_eval_model
 
     out = tmp_path / "m.safetensors"
     rc, _, err = vlm(capsys, "ckpt", "export", tmp_path / "missing", "--output", out)

@@ -9,7 +9,7 @@ placeholders. DeepSpeed's own zero_to_fp32 utilities stitch stages 1-3 back toge
 offline (no process group), so we use those rather than reading its private layout.
 
 The export (`export_safetensors`) is one safetensors file: the CLIP model's tensors under
-their own names (what `build_clip(cfg.model, vocab).load_state_dict` takes), the
+their own names (what `build_model(cfg.model, vocab).load_state_dict` takes), the
 objectives' parameters under `objectives.{i}.` (i = position in the config's objectives),
 all fp32. Everything needed to rebuild the model is in the file's metadata (text only,
 so JSON strings): `vlm_config` (the resolved run config), `vlm_tokenizer` (the tokenizer
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.safeload import check_files, load_module_weights, load_trainer_state, weights_only_loads
 from vlm.train.module import MODEL_PREFIX
 
 EXPORT_FORMAT = "vlm-clip-export/1"
@@ -48,12 +48,12 @@ def _zero_to_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
 
     # it unpickles every model and optimizer file itself (weights_only=False): each is
     # proved safe first, and its own loads are forced to weights_only too
-    checkpoint.check_files(ckpt)
+    check_files(ckpt)
     # it reports progress on stdout and stderr, which belong to our commands' output
     # (--json); shown only when it fails
     chatter = io.StringIO()
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), checkpoint.weights_only_loads():
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), weights_only_loads():
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except Exception:
         sys.stderr.write(chatter.getvalue())
@@ -61,7 +61,7 @@ def _zero_to_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _zero0_module(ckpt: Path) -> dict[str, torch.Tensor]:
-    module = checkpoint.load_module_weights(ckpt)
+    module = load_module_weights(ckpt)
     low = sorted(k for k, v in module.items() if v.is_floating_point() and v.dtype != torch.float32)
     if low:
         print(f"warning: {ckpt} holds {module[low[0]].dtype} weights ({low[0]}, ...); they are upcast to fp32 "
@@ -72,7 +72,7 @@ def _zero0_module(ckpt: Path) -> dict[str, torch.Tensor]:
 def consolidated_state(ckpt: Path, trainer_state: dict | None = None) -> dict[str, torch.Tensor]:
     """The whole Pretrainer state dict (keys model.*, objectives.*), fp32, on the CPU,
     for any ZeRO stage."""
-    state = trainer_state if trainer_state is not None else checkpoint.load_trainer_state(ckpt)
+    state = trainer_state if trainer_state is not None else load_trainer_state(ckpt)
     stage = zero_stage(state)
     try:
         tensors = _zero0_module(ckpt) if stage == 0 else _zero_to_fp32(ckpt)
@@ -102,7 +102,7 @@ def export_safetensors(ckpt: Path, output: Path) -> dict:
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"--output must be a .safetensors file, not {output}")
-    state = checkpoint.load_trainer_state(ckpt)
+    state = load_trainer_state(ckpt)
     model, objectives = split_pretrainer_state(consolidated_state(ckpt, state))
     tensors = {**model, **objectives}
     metadata = {

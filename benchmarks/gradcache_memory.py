@@ -69,7 +69,9 @@ def child(global_batch: int, micro: int, cached: bool, threads: int) -> dict:
     sys.path.insert(0, str(REPO))
     from vlm.train import gradcache
     from vlm.config import load_config
-    from vlm.train.trainer import build_pretrainer, deepspeed_config, lr_lambda, param_groups
+    from vlm.train.deepspeed_config import deepspeed_config
+    from vlm.train.module import build_pretrainer
+    from vlm.train.optim import lr_lambda, param_groups
 
     torch.set_num_threads(threads)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from support.shardgen import TINY_MODEL, set_args, shards_with_tokenizer
+from support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -26,12 +26,6 @@ BASE = [*TINY_MODEL, "train.micro_batch_size=16", "train.global_batch_size=32", 
         "optim.lr=3e-3", "optim.warmup_steps=3", "train.log_every=1", "metrics.enabled=false",
         "eval.every_steps=0", "train.zero_stage=2", "train.keep_checkpoints=0"]
 STEPS, EVERY = 16, 6
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(run_dir: Path, data: Path, world: int, *sets: str, resume: str | None = None,

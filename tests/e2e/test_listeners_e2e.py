@@ -9,7 +9,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.ray.loopback import LOOPBACK_ENV
+from cluster.ray.session import LOOPBACK_ENV
+from support.ports import free_port
 from support.shardgen import TINY_MODEL, set_args, write_shards
 
 pytestmark = pytest.mark.e2e
@@ -111,7 +111,7 @@ def test_no_process_of_a_local_run_listens_on_a_wildcard(tmp_path):
 
 RANK_SCRIPT = """
 import json, psutil, torch, torch.distributed as dist
-from vlm.train.trainer import ensure_process_group
+from vlm.train.rendezvous import ensure_process_group
 rank, world = ensure_process_group()
 t = torch.ones(1)
 dist.all_reduce(t)
@@ -126,9 +126,7 @@ dist.destroy_process_group()
 def test_ranks_outside_ray_listen_on_master_addr_only():
     """`python -m vlm.train.trainer` ranks started by any launcher (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT): rank 0 serves the store on MASTER_ADDR, and gloo stays on loopback too."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     env = {k: v for k, v in os.environ.items() if k not in LOOPBACK_ENV}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], cwd=REPO, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from support.shardgen import TINY_MODEL, set_args, shards_with_tokenizer
-from vlm.train.trainer import truncate_log
+from vlm.train.steplog import truncate_log
 
 REPO = Path(__file__).resolve().parents[2]
 VLM = str(Path(sys.executable).parent / "vlm")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from support.shardgen import TINY_MODEL, set_args, write_shards
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.safeload import load, load_trainer_state
+from vlm.checkpoint.verify import verify
 
 pytestmark = pytest.mark.e2e
 VLM = str(Path(sys.executable).parent / "vlm")
@@ -99,8 +100,8 @@ def test_checkpoints_are_complete_and_latest_is_newest(trained):
         # DeepSpeed's sharded optimizer state: one file per rank under ZeRO-2
         assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
                 "mp_rank_00_model_states.pt", "trainer_state.pt"} <= set(manifest["files"])
-        checkpoint.verify(ckpt)
-    state = checkpoint.load_trainer_state(root / "step_00000120")
+        verify(ckpt)
+    state = load_trainer_state(root / "step_00000120")
     assert state["step"] == 120 and state["samples_seen"] == 120 * 16 and state["world_size"] == 2
     assert [r["reader"]["rank"] for r in state["ranks"]] == [0, 1]
     assert (run_dir / "config.yaml").is_file()
@@ -114,12 +115,12 @@ def test_corrupt_checkpoint_is_refused(trained, tmp_path):
     with open(copy / "trainer_state.pt", "ab") as f:
         f.write(b"x")
     with pytest.raises(ValueError, match="trainer_state.pt does not match its manifest"):
-        checkpoint.verify(copy)
+        verify(copy)
 
 
 def test_resume_continues_the_step_count(trained):
     run_dir, _, _ = trained
-    before = checkpoint.load(run_dir / "checkpoints" / "step_00000120" / "mp_rank_00_model_states.pt")["module"]
+    before = load(run_dir / "checkpoints" / "step_00000120" / "mp_rank_00_model_states.pt")["module"]
     proc = vlm("train", "--config", "configs/demo.yaml", "--set", f"run_dir={run_dir}", "--resume", "latest",
                "--set", "train.steps=140", "--set", "train.checkpoint_every=50",
                *set_args(*TINY))
@@ -127,11 +128,11 @@ def test_resume_continues_the_step_count(trained):
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out and "at step 120" in out
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000140"
-    state = checkpoint.load_trainer_state(run_dir / "checkpoints" / "step_00000140")
+    state = load_trainer_state(run_dir / "checkpoints" / "step_00000140")
     assert state["step"] == 140 and state["samples_seen"] == 140 * 16
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log][-3:] == [120, 130, 140]
-    after = checkpoint.load(run_dir / "checkpoints" / "step_00000140" / "mp_rank_00_model_states.pt")["module"]
+    after = load(run_dir / "checkpoints" / "step_00000140" / "mp_rank_00_model_states.pt")["module"]
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained further
 
 

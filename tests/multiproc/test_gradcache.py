@@ -10,13 +10,13 @@ bitwise."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from vlm.config import load_config
+from support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +49,7 @@ def micro_batches(step: int, rank: int, world: int, micro: int = MICRO) -> list[
 
 
 def build(cfg):
-    from vlm.train.trainer import build_pretrainer
+    from vlm.train.module import build_pretrainer
 
     torch.manual_seed(0)
     return build_pretrainer(cfg, VOCAB)
@@ -58,7 +58,8 @@ def build(cfg):
 def make_engine(cfg, world: int):
     import deepspeed
 
-    from vlm.train.trainer import deepspeed_config, lr_lambda, param_groups
+    from vlm.train.deepspeed_config import deepspeed_config
+    from vlm.train.optim import lr_lambda, param_groups
 
     model = build(cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -135,7 +136,7 @@ def worker(rank: int, port: int, stages: list[int], out: str) -> None:
 
 def reference(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Plain torch, one process, the whole batch: step-0 gradients and the loss trajectory."""
-    from vlm.train.trainer import lr_lambda, param_groups
+    from vlm.train.optim import lr_lambda, param_groups
 
     model = build(cfg)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
@@ -155,17 +156,11 @@ def reference(cfg) -> tuple[dict[str, torch.Tensor], list[float]]:
     return grads, losses
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gc") / "result.pt")
     mp.start_processes(worker, args=(free_port(), [0, 1, 2, 3], out), nprocs=WORLD, start_method="spawn")
-    from vlm.checkpoint.store import load
+    from vlm.checkpoint.safeload import load
 
     return load(out)  # tensors and plain data: weights_only, like every file the project reads
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from vlm.config import ConfigError, load_config
-from vlm.kernels import resolve
-from vlm.models import build_model
+from vlm.kernels.dispatch import resolve
 from vlm.models.config import ModelConfig
-from vlm.objectives import (ClipInfoNCEConfig, ITGConfig, MCMConfig, MLMConfig, SigLIPConfig, UniCLConfig,
-                            build_objective)
+from vlm.models.registry import build_model
+from vlm.objectives.configs import ClipInfoNCEConfig, ITGConfig, MCMConfig, MLMConfig, SigLIPConfig, UniCLConfig
+from vlm.objectives.registry import build_objective
 
 torch.set_num_threads(1)
 V = 97
@@ -109,7 +109,9 @@ def _zero3_rank(rank: int) -> dict:
     import torch.distributed as dist
 
     from vlm.config import load_config
-    from vlm.train.trainer import build_pretrainer, deepspeed_config, lr_lambda, param_groups
+    from vlm.train.deepspeed_config import deepspeed_config
+    from vlm.train.module import build_pretrainer
+    from vlm.train.optim import lr_lambda, param_groups
 
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)

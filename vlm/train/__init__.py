@@ -1,1 +1,1 @@
-"""Training: the Trainer, the module DeepSpeed wraps, the gradient cache and rendezvous."""
+"""Training: the Trainer (and its optimizer, DeepSpeed config, step log, stop), the wrapped module, the gradient cache."""

@@ -34,23 +34,41 @@ from __future__ import annotations
 
 import torch
 
+from vlm.checkpoint.rng import set_torch_rng_state, torch_rng_state
 from vlm.train.module import Pretrainer, gathered
-
-
-def rng_snapshot() -> tuple:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return torch.get_rng_state(), cuda
-
-
-def rng_restore(snapshot: tuple) -> None:
-    cpu, cuda = snapshot
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 def _concat(batches: list[dict]) -> dict:
     return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+
+
+def _embed(engine, batches: list[dict]) -> tuple[list, list[dict]]:
+    """Pass 1: each micro-batch's RNG state, then its embeddings, no graph kept."""
+    snapshots, embedded = [], []
+    with torch.no_grad():
+        for b in batches:
+            snapshots.append(torch_rng_state())
+            embedded.append({k: v.detach() for k, v in engine(b, mode="embed").items()})
+    return snapshots, embedded
+
+
+def _coupled_gradients(module: Pretrainer, whole: dict, whole_batch: dict) -> tuple[dict, dict, dict]:
+    """Pass 2: the coupled losses on the global batch and their gradient w.r.t. the embeddings
+    and the objectives' own parameters -> (the embeddings' gradients, the parameters'
+    gradients by name, the coupled losses). Neither through engine.forward (it hooks its
+    outputs so that their backward counts as a micro-batch's) nor through the modules'
+    __call__ (ZeRO-3's module hooks would do their backward bookkeeping for a backward
+    that is not one): the objectives' forward directly, their parameters gathered."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in whole.items()}
+    params = module.coupled_parameters()
+    keys = list(leaves)
+    with gathered([p for _, p in params]):
+        coupled = module.losses(leaves, whole_batch, module.coupled, hooks=False)
+        wrt = [leaves[k] for k in keys] + [p for _, p in params]
+        g = torch.autograd.grad(coupled["loss"], wrt)
+    grads = dict(zip(keys, g[:len(keys)]))
+    param_grads = {name: gp.detach().clone() for (name, _), gp in zip(params, g[len(keys):])}
+    return grads, param_grads, coupled
 
 
 def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddings: bool = False) -> dict:
@@ -69,29 +87,14 @@ def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddin
         raise ValueError("the gradient cache needs at least one batch-coupled objective")
 
     # 1. embeddings of every micro-batch, no graph kept
-    snapshots, embedded = [], []
-    with torch.no_grad():
-        for b in batches:
-            snapshots.append(rng_snapshot())
-            embedded.append({k: v.detach() for k, v in engine(b, mode="embed").items()})
-    after_embedding = rng_snapshot()
+    snapshots, embedded = _embed(engine, batches)
+    after_embedding = torch_rng_state()
     whole = {k: torch.cat([e[k] for e in embedded]) for k in module.coupled_keys}
     whole_batch = _concat(batches)
 
     # 2. the coupled losses on the global batch and their gradient w.r.t. the embeddings
-    # and the objectives' own parameters. Neither through engine.forward (it hooks its
-    # outputs so that their backward counts as a micro-batch's) nor through the modules'
-    # __call__ (ZeRO-3's module hooks would do their backward bookkeeping for a backward
-    # that is not one): the objectives' forward directly, their parameters gathered.
-    leaves = {k: v.clone().requires_grad_(True) for k, v in whole.items()}
-    params = module.coupled_parameters()
-    keys = list(leaves)
-    with gathered([p for _, p in params]):
-        coupled = module.losses(leaves, whole_batch, module.coupled, hooks=False)
-        wrt = [leaves[k] for k in keys] + [p for _, p in params]
-        g = torch.autograd.grad(coupled["loss"], wrt)
-    grads = dict(zip(keys, g[:len(keys)]))
-    param_grads = {name: gp.detach().clone() for (name, _), gp in zip(params, g[len(keys):])}
+    # and the objectives' own parameters
+    grads, param_grads, coupled = _coupled_gradients(module, whole, whole_batch)
     record = {k: float(v.detach()) for k, v in coupled.items() if v is not None and "/" not in k and k != "loss"}
     diagnostics = {k: float(v) for k, v in coupled.items() if "/" in k}
     total = float(coupled["loss"].detach())
@@ -102,7 +105,7 @@ def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddin
     for i, b in enumerate(batches):
         rows = (start, start + len(b["tokens"]))
         start = rows[1]
-        rng_restore(snapshots[i])
+        set_torch_rng_state(snapshots[i])
         mine = {k: v[rows[0]:rows[1]] for k, v in grads.items()}
         out = engine(b, mode="replay", n_micro=n, grads=mine, param_grads=param_grads, keep_outputs=keep_embeddings)
         if keep_embeddings:
@@ -120,7 +123,7 @@ def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddin
         engine.backward(out["loss"])
         if i < n - 1:
             engine.step()
-    rng_restore(after_embedding)
+    set_torch_rng_state(after_embedding)
     result = {"losses": {**record, **per_sample}, "diagnostics": diagnostics, "total": total}
     if keep_embeddings:
         result["embed"], result["replay"] = embedded, replayed

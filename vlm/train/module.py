@@ -1,4 +1,4 @@
-"""The model and its objectives as one module, the unit DeepSpeed wraps.
+"""The module DeepSpeed wraps: the model and its objectives as one Pretrainer, and building it.
 
 Objectives own their parameters (temperatures, biases, heads), so they live beside the
 model rather than inside it; the weighted sum of their losses is the training loss.
@@ -25,7 +25,10 @@ import contextlib
 import torch
 from torch import nn
 
-from vlm.models import CLIP
+from vlm.config import RunConfig
+from vlm.models.clip import CLIP
+from vlm.models.registry import build_model
+from vlm.objectives.registry import build_objective
 
 MODEL_PREFIX = "model."
 
@@ -125,6 +128,15 @@ class Pretrainer(nn.Module):
         if keep_outputs:
             result["_outputs"] = {k: out[k] for k in self.coupled_keys}
         return result
+
+
+def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
+    """The run's model (cfg.model) and objectives (cfg.objectives, with their weights)."""
+    model = build_model(cfg.model, vocab_size)
+    pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
+    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim, model=model,
+                                  vocab_size=vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
+    return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
 
 
 def gathered(params: list):

@@ -13,6 +13,7 @@ import os
 import socket
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
 
@@ -84,3 +85,17 @@ def init_from_env(backend: str) -> None:
         pin_gloo_to("127.0.0.1" if host == "localhost" else host)
     store = bound_store(host, port, rank=rank, world_size=world_size, timeout=default_pg_timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def ensure_process_group() -> tuple[int, int]:
+    """(rank, world size) of the process group a launcher created, or of a 1-process one
+    started here when there is none."""
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        # not dist.init_process_group's env://: its store would listen on every interface
+        init_from_env("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    return dist.get_rank(), dist.get_world_size()

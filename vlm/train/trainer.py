@@ -1,17 +1,12 @@
-"""The training engine: DeepSpeed ZeRO around the pure-torch model, run on every rank.
+"""The Trainer: one rank's run of DeepSpeed ZeRO around the pure-torch model (steps, save, resume, stop).
 
 Runs under plain torch.distributed (a launcher has already created the process group, or
 there is none and we start a 1-process gloo group). Ray lives in cluster/, never here."""
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import select
-import shutil
 import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,85 +19,24 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards.reader import build_reader
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint import discover, layout, resolve, rng, safeload, store
 from vlm.train import gradcache
-from vlm.config import RunConfig, check_resume_config, dump_config
+from vlm.config import RunConfig, dump_config
+from vlm.config_changes import check_resume_config
 from vlm.data.batches import BadDataError, BatchLoader
 from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
-from vlm.observe.metrics import BAD_REASONS, TrainMetrics
-from vlm.models import build_clip
-from vlm.objectives import build_objective
-from vlm.train.module import Pretrainer
+from vlm.observe.metrics import TrainMetrics
+from vlm.train.deepspeed_config import deepspeed_config
+from vlm.train.module import Pretrainer, build_pretrainer
+from vlm.train.optim import build_optimizer
+from vlm.train.rendezvous import ensure_process_group
+from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, truncate_log, write_step
+from vlm.train.stop import StopSignals
+from vlm.train.universal import to_universal
 from vlm.data.tokenizer import TOKENIZER_FILE, TextEncoder
 
-NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "positional_embedding")
 EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
                  "dense/dense_miou")
-TRAIN_LOG = "train_log.jsonl"
-# exit status when a second signal, or the end of train.stop_grace_s, ends a run before its
-# save (docs/checkpoints.md, "Stopping and restarts"); a clean stop exits with 128 + signum
-FORCED_EXIT = 1
-
-
-def lr_lambda(cfg) -> callable:
-    """Linear warmup then cosine decay to min_lr_ratio, as a multiplier of the base lr."""
-    o, steps = cfg.optim, cfg.train.steps
-
-    def f(step: int) -> float:
-        if step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        progress = (step - o.warmup_steps) / max(1, steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return f
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases, positional embeddings, the class token, and the
-    objectives' temperatures and logit biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int, on_gpu: bool, *, load_universal: bool = False) -> dict:
-    t = cfg.train
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_gpu)
-    accum = t.accum_steps(world_size)
-    zero: dict = {"stage": t.zero_stage}
-    if t.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": t.micro_batch_size * accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        # offload with the run's own torch AdamW (DeepSpeedCPUAdam needs a compiled op)
-        "zero_force_ds_cpu_optimizer": False,
-        "bf16": {"enabled": bf16},
-        "checkpoint": {"load_universal": load_universal},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def ensure_process_group() -> tuple[int, int]:
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        # not dist.init_process_group's env://: its store would listen on every interface
-        from vlm.train.rendezvous import init_from_env
-
-        init_from_env("nccl" if torch.cuda.is_available() else "gloo")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def seed_everything(seed: int) -> None:
@@ -120,14 +54,6 @@ def forward_flops_per_sample(cfg: RunConfig, vocab_size: int) -> float | None:
     except Exception as e:  # MFU is a nicety: never fail a run over it
         print(f"warning: could not count FLOPs per sample ({e}); no MFU metric", flush=True)
         return None
-
-
-def build_pretrainer(cfg: RunConfig, vocab_size: int) -> Pretrainer:
-    model = build_clip(cfg.model, vocab_size)
-    pooled_dim = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
-    objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=pooled_dim, model=model,
-                                  vocab_size=vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
-    return Pretrainer(model, objectives, [o.weight for o in cfg.objectives])
 
 
 class Trainer:
@@ -160,35 +86,21 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
         self.last_checkpoint: str | None = None
 
-        tok_path = self.run_dir / TOKENIZER_FILE
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
-        self.tokenizer_json = tok_path.read_text()
-        self.text = TextEncoder.from_json(self.tokenizer_json, cfg.model.text.context_length)
-
+        self.tokenizer_json, self.text = self._load_tokenizer()
         model = build_pretrainer(cfg, self.text.vocab_size)
         if cfg.train.grad_cache and not model.coupled:
             raise ValueError("train.grad_cache is on but no objective is batch-coupled "
                              f"({', '.join(o.name for o in cfg.objectives)}): turn it off")
         if resume == "auto":
-            found = self.rank == 0 and checkpoint.has_checkpoint(self.ckpt_root)
+            found = self.rank == 0 and discover.has_checkpoint(self.ckpt_root)
             resume = "latest" if self._broadcast(found) else None
         ckpt, state = self._locate(resume) if resume else (None, None)
         universal = (state is not None and state["world_size"] != self.world_size and cfg.train.zero_stage > 0)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                      betas=cfg.optim.betas, eps=cfg.optim.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        optimizer, scheduler = build_optimizer(cfg, model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world_size, self.on_gpu, load_universal=universal))
-        reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=self.rank,
-                              world_size=self.world_size, seed=cfg.train.seed, expand=cfg.path)
-        self.loader = BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
-                                  image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
-                                  views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
-                                  needs=model.needs, colour=cfg.data.colour_augment,
-                                  max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
-                                  bad_window=cfg.data.bad_sample_window)
+        self.loader = self._build_loader(model)
         self.step, self.samples_seen = 0, 0
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
@@ -196,6 +108,26 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.metrics = self._start_metrics() if cfg.metrics.enabled else None
+
+    def _load_tokenizer(self) -> tuple[str, TextEncoder]:
+        """The run directory's tokenizer: its JSON (saved in every checkpoint) and encoder."""
+        tok_path = self.run_dir / TOKENIZER_FILE
+        if not tok_path.is_file():
+            raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
+        tokenizer_json = tok_path.read_text()
+        return tokenizer_json, TextEncoder.from_json(tokenizer_json, self.cfg.model.text.context_length)
+
+    def _build_loader(self, model: Pretrainer) -> BatchLoader:
+        """This rank's share of the training shards, as the micro-batches `model` needs."""
+        cfg = self.cfg
+        reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=self.rank,
+                              world_size=self.world_size, seed=cfg.train.seed, expand=cfg.path)
+        return BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
+                           image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
+                           views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
+                           needs=model.needs, colour=cfg.data.colour_augment,
+                           max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
+                           bad_window=cfg.data.bad_sample_window)
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -215,14 +147,14 @@ class Trainer:
         found: tuple[str | None, str | None] = (None, None)
         if self.rank == 0:
             try:
-                path = checkpoint.locate(resume, self.ckpt_root, cache=self.run_dir / ".ckpt_cache", warn=self._say)
+                path = resolve.locate(resume, self.ckpt_root, cache=self.run_dir / ".ckpt_cache", warn=self._say)
                 found = (str(path), None)
             except (FileNotFoundError, ValueError) as e:
                 found = (None, str(e))
         path, error = self._broadcast(found)
         if error:
             raise FileNotFoundError(error)
-        state = checkpoint.load_trainer_state(Path(path))
+        state = safeload.load_trainer_state(Path(path))
         check_resume_config(state.get("config"), self.cfg, checkpoint=path)  # every rank: all stop together
         return Path(path), state
 
@@ -231,28 +163,16 @@ class Trainer:
         (converted once per node, cached beside the run), which it loads at any size."""
         out = self.run_dir / ".universal" / ckpt.name
         if self.local_rank == 0 and not (out / "zero").is_dir():
-            from argparse import Namespace
-
-            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
             self._say(f"checkpoint {ckpt.name} was saved by {state['world_size']} worker(s), this run has "
                       f"{self.world_size}: converting it to DeepSpeed's universal format in {out}")
-            tmp = out.with_name(out.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            checkpoint.check_files(ckpt)  # on every node that converts: it reads every file
-            with checkpoint.weights_only_loads():  # one extract worker: in this process
-                ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(tmp), num_extract_workers=1,
-                                          num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                          inject_missing_state=False))
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(tmp, out)
+            to_universal(ckpt, out)
         if self.world_size > 1:
             dist.barrier()
         return out
 
     def _restore(self, ckpt: Path, state: dict) -> None:
-        checkpoint.check_files(ckpt)  # every rank, before DeepSpeed opens anything (a cached universal copy too)
-        with checkpoint.weights_only_loads():
+        safeload.check_files(ckpt)  # every rank, before DeepSpeed opens anything (a cached universal copy too)
+        with safeload.weights_only_loads():
             load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt}")
@@ -260,7 +180,7 @@ class Trainer:
         if state["world_size"] == self.world_size:
             mine = ranks[self.rank]
             self.loader.load_state_dict(mine["reader"])
-            checkpoint.set_rng_state(mine["rng"])
+            rng.set_rng_state(mine["rng"])
         else:
             self.loader.load_rank_states([r["reader"] for r in ranks])
             seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
@@ -331,26 +251,11 @@ class Trainer:
         last = self.step == self.cfg.train.steps
         if not (self.step % self.cfg.train.log_every == 0 or last):
             return
-        bad = self._bad_sample_totals()  # collective: every rank logs on the same steps
-        if log is None:
-            return
-        rate = self.global_batch / r["step_s"]
-        rec = {"step": self.step, "samples": self.samples_seen, "lr": r["lr"], "step_s": r["step_s"],
-               "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
-               **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad}
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        print(f"step {self.step}/{self.cfg.train.steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "
-              f"{rate:.0f} samples/s", flush=True)
-
-    def _bad_sample_totals(self) -> dict[str, int]:
-        """Bad samples skipped so far by every rank, for the step log: "bad_samples" and
-        "bad_samples/REASON" (vlm.observe.metrics.BAD_REASONS)."""
-        counts = torch.tensor([float(self.loader.bad_counts.get(r, 0)) for r in BAD_REASONS])
-        if self.world_size > 1:
-            dist.all_reduce(counts)
-        totals = {f"bad_samples/{r}": int(n) for r, n in zip(BAD_REASONS, counts.tolist())}
-        return {"bad_samples": sum(totals.values()), **totals}
+        # collective: every rank logs on the same steps
+        bad = bad_sample_totals(self.loader.bad_counts, self.world_size)
+        if log is not None:
+            write_step(log, r, step=self.step, steps=self.cfg.train.steps, samples_seen=self.samples_seen,
+                       global_batch=self.global_batch, bad=bad)
 
     def save(self) -> None:
         """Collective. Training stalls for the duration, exported as
@@ -359,49 +264,26 @@ class Trainer:
         shared = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.model_dump(mode="json"),
                   "tokenizer": self.tokenizer_json, "world_size": self.world_size,
                   "zero_stage": self.cfg.train.zero_stage}
-        path = checkpoint.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
-                               rank_state={"reader": self.loader.state_dict(), "rng": checkpoint.rng_state()},
-                               staging=self.run_dir / ".ckpt_staging")
+        path = store.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
+                          rank_state=store.rank_state(self.loader.state_dict()),
+                          staging=self.run_dir / ".ckpt_staging")
         stall = time.perf_counter() - t0
-        self.last_checkpoint = checkpoint.tag_for_step(self.step)
+        self.last_checkpoint = layout.tag_for_step(self.step)
         if self.metrics:
             self.metrics.record_checkpoint(stall)
         self._say(f"checkpoint {path} (training stalled {stall:.2f}s)")
         if self.rank == 0:
             keep = self.cfg.train.keep_checkpoints
-            removed = (checkpoint.prune_remote(self.ckpt_root, keep) if checkpoint.is_remote(self.ckpt_root)
-                       else checkpoint.prune(Path(self.ckpt_root), keep))
+            removed = (store.prune_remote(self.ckpt_root, keep) if layout.is_remote(self.ckpt_root)
+                       else store.prune(Path(self.ckpt_root), keep))
             for old in removed:
                 self._say(f"removed old checkpoint {old}")
 
     def _on_sigterm(self, signum, frame) -> None:
         """SIGTERM or SIGINT: flags only; the loop saves at the end of the step, and
-        _watch_grace ends the process on a second signal or when the grace period is over."""
+        vlm.train.stop.watch_grace ends the process on a second signal or when the grace period is over."""
         self.signals.append(signum)
         self.stop_requested, self.stop_reason = True, signal.Signals(signum).name
-
-    def _watch_grace(self, wakeup: int, done: threading.Event) -> None:
-        """On a thread: after a first signal, waits cfg.train.stop_grace_s for the save; a
-        second signal or the end of the grace period exits at once (FORCED_EXIT). It learns
-        of signals from the wakeup fd, written by the interpreter's C-level handler the
-        moment one arrives: the Python handler waits until the main thread leaves the
-        C call it is in (a step, a collective), which may be what hangs."""
-        received, deadline, grace = b"", None, self.cfg.train.stop_grace_s
-        try:
-            while not done.is_set():
-                if select.select([wakeup], [], [], 0.2)[0]:
-                    received += os.read(wakeup, 64)
-                if received and deadline is None:
-                    deadline = time.monotonic() + grace
-                late = deadline is not None and time.monotonic() > deadline
-                if (len(received) > 1 or late) and not done.is_set():
-                    why = (f"{signal.Signals(received[1]).name} again" if len(received) > 1 else
-                           f"no checkpoint within train.stop_grace_s={grace:g}s")
-                    print(f"rank {self.rank}: {why}: exiting now, without a checkpoint at this step "
-                          f"(status {FORCED_EXIT})", flush=True)
-                    os._exit(FORCED_EXIT)
-        finally:
-            os.close(wakeup)
 
     def _agree_to_stop(self) -> bool:
         """Whether any rank was asked to stop (SIGTERM, SIGINT, should_stop): all ranks must
@@ -440,15 +322,7 @@ class Trainer:
                 truncate_log(self.run_dir / name, self.step)
         log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
         last_saved, stopped = self.step, False
-        previous, done, pipe, old_wakeup = {}, threading.Event(), None, -1
-        if threading.current_thread() is threading.main_thread():
-            # not inside a Ray Train worker (a thread): there the driver handles signals
-            previous = {s: signal.signal(s, self._on_sigterm) for s in (signal.SIGTERM, signal.SIGINT)}
-            pipe = os.pipe()
-            os.set_blocking(pipe[1], False)
-            old_wakeup = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
-            threading.Thread(target=self._watch_grace, args=(pipe[0], done), name="stop-grace",
-                             daemon=True).start()
+        signals = StopSignals(self._on_sigterm, cfg.train.stop_grace_s, self.rank).install()
         try:
             while self.step < cfg.train.steps:
                 self.record(self.train_step(), log)
@@ -464,36 +338,13 @@ class Trainer:
             if last_saved != self.step:
                 self.save()
         finally:
-            done.set()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if pipe is not None:
-                signal.set_wakeup_fd(old_wakeup)
-                os.close(pipe[1])  # the read end stays open for the watcher, which ends within 0.2 s
+            signals.release()
             if log:
                 log.close()
             if self.metrics:
                 self.metrics.close()
         return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
                 "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drops the rows of a JSON-lines log past `step` (and a line cut short by a kill),
-    atomically: the log keeps exactly one row per step however often a run resumes."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None,

@@ -1,0 +1,55 @@
+"""The step log: train_log.jsonl's rows and console lines, its bad-sample totals, its truncation on resume."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlm.observe.metrics import BAD_REASONS
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+def bad_sample_totals(bad_counts: Mapping[str, int], world_size: int) -> dict[str, int]:
+    """Collective. Bad samples skipped so far by every rank (each rank's `bad_counts`), for
+    the step log: "bad_samples" and "bad_samples/REASON" (vlm.observe.metrics.BAD_REASONS)."""
+    counts = torch.tensor([float(bad_counts.get(r, 0)) for r in BAD_REASONS])
+    if world_size > 1:
+        dist.all_reduce(counts)
+    totals = {f"bad_samples/{r}": int(n) for r, n in zip(BAD_REASONS, counts.tolist())}
+    return {"bad_samples": sum(totals.values()), **totals}
+
+
+def write_step(log, r: dict, *, step: int, steps: int, samples_seen: int, global_batch: int,
+               bad: dict[str, int]) -> None:
+    """One row of the step log for a step's record `r` (Trainer.train_step), and its console line."""
+    rate = global_batch / r["step_s"]
+    rec = {"step": step, "samples": samples_seen, "lr": r["lr"], "step_s": r["step_s"],
+           "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
+           **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad}
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+    print(f"step {step}/{steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "
+          f"{rate:.0f} samples/s", flush=True)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drops the rows of a JSON-lines log past `step` (and a line cut short by a kill),
+    atomically: the log keeps exactly one row per step however often a run resumes."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from support.badshards import add_to_shard, bad_samples, bomb_png, truncated_jpeg, write_bad_shard
-from data_pipeline.shards.reader import ShardReader, list_shards
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import list_shards
 from support.shardgen import TINY_MODEL, write_shards
 from vlm.data.batches import BadDataError, BatchLoader, check_sample
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
@@ -163,10 +164,10 @@ def test_eval_folder_and_csv_with_a_bomb_fail_naming_the_image(tmp_path):
     naming it; a bomb is one more such input, refused before its pixels are decoded."""
     from PIL import Image
 
-    from test_evaluate import _tiny_model, write_csv_set
+    from support.evalsets import tiny_model, write_csv_set
     from vlm.eval.runner import evaluate_model
 
-    model, text_enc, cfg = _tiny_model()
+    model, text_enc, cfg = tiny_model()
     folder = tmp_path / "folder"
     for cls in ("red star", "blue cross"):
         (folder / cls).mkdir(parents=True)

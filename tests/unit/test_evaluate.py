@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vlm.eval.runner import retrieval_metrics, zeroshot_metrics
+from vlm.eval.retrieval import retrieval_metrics
+from vlm.eval.zeroshot import zeroshot_metrics
 
 
 def onehot(idx, dim):
@@ -52,25 +53,17 @@ def test_retrieval_counts_a_miss():
 
 # ---- linear probe, dense prediction, data formats, distributed evaluation ------------------
 
-import csv
 import json
 import os
-import socket
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
-from demo.corpus import heldout_pairs, make_caption, render_image_and_mask
-from vlm.config import load_config
 from vlm.eval.dense import confusion, miou, patch_features, predict_mask
 from vlm.eval.runner import append_eval_log, evaluate_distributed, evaluate_model, flat_metrics
 from vlm.eval.linear_probe import linear_probe, stratified_halves
-
-TINY = ["model.embed_dim=16", "model.vision.width=16", "model.vision.depth=2", "model.vision.heads=2",
-        "model.vision.image_size=16", "model.vision.patch_size=4", "data.ingest.image_size=16",
-        "model.text.width=16", "model.text.depth=1", "model.text.heads=2", "model.text.context_length=16",
-        "eval.batch_size=4"]
+from support.evalsets import tiny_model, write_csv_set
+from support.ports import free_port
 
 
 def test_linear_probe_on_separable_features_is_exact():
@@ -111,21 +104,10 @@ def test_dense_miou_hand_computed():
     assert out["dense_pixel_acc"] == 0.5
 
 
-def _tiny_model(seed: int = 0, overrides=()):
-    from vlm.models import build_clip
-    from vlm.data.tokenizer import TextEncoder, train_tokenizer
-
-    cfg = load_config(None, TINY + list(overrides))
-    words = [c + " " + s for c, s in heldout_pairs()] + ["a photo of a plain background.", "an empty background."]
-    tok = train_tokenizer(words * 5, vocab_size=120)
-    torch.manual_seed(seed)
-    return build_clip(cfg.model, tok.get_vocab_size()).eval(), TextEncoder(tok, 16), cfg
-
-
 def test_maskclip_features_keep_each_patch_to_itself():
     # One block: with the query-key attention skipped a patch's feature depends on that patch
     # alone, while the ordinary tokens mix every patch.
-    model, _, _ = _tiny_model(overrides=["model.vision.depth=1"])
+    model, _, _ = tiny_model(overrides=["model.vision.depth=1"])
     images = torch.rand(1, 3, 16, 16) * 2 - 1
     changed = images.clone()
     changed[..., :4, :4] = -changed[..., :4, :4]           # patch (0, 0) only
@@ -137,29 +119,8 @@ def test_maskclip_features_keep_each_patch_to_itself():
     assert a.shape == (1, 4, 4, 16) and torch.allclose(a.norm(dim=-1), torch.ones(1, 4, 4))
 
 
-def write_csv_set(root: Path, n: int, *, size: int = 32, captions_per_image: int = 1, masks: bool = True) -> Path:
-    """n synthetic held-out images (+ masks) and a CSV: path, caption, label[, mask]."""
-    rng = np.random.default_rng(1)
-    (root / "img").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        colour, shape = heldout_pairs()[i % 3]
-        pixels, bbox, tone, mask = render_image_and_mask(rng, colour, shape, size)
-        Image.fromarray(pixels).save(root / "img" / f"{i}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "img" / f"{i}.mask.png")
-        for _ in range(captions_per_image):
-            row = {"path": f"img/{i}.png", "caption": make_caption(rng, colour, shape, bbox, size, tone)[0],
-                   "label": f"{colour} {shape}"}
-            rows.append({**row, "mask": f"img/{i}.mask.png"} if masks else row)
-    table = root / "data.csv"
-    with open(table, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader(), w.writerows(rows)
-    return table
-
-
 def test_csv_with_several_captions_per_image_runs_every_task(tmp_path):
-    model, text, cfg = _tiny_model()
+    model, text, cfg = tiny_model()
     table = write_csv_set(tmp_path, 9, captions_per_image=2)
     res = evaluate_model(model, text, cfg.eval, str(table), image_size=16)
     assert res["tasks"] == ["zeroshot", "retrieval", "linear-probe", "dense"]
@@ -171,7 +132,7 @@ def test_csv_with_several_captions_per_image_runs_every_task(tmp_path):
 
 
 def test_image_folder_takes_classes_from_folders_and_has_no_retrieval(tmp_path):
-    model, text, cfg = _tiny_model()
+    model, text, cfg = tiny_model()
     for cls in ("red star", "blue cross"):
         (tmp_path / cls).mkdir()
         for i in range(3):
@@ -184,7 +145,7 @@ def test_image_folder_takes_classes_from_folders_and_has_no_retrieval(tmp_path):
 
 
 def test_malformed_csv_errors_name_the_file_and_column(tmp_path):
-    model, text, cfg = _tiny_model()
+    model, text, cfg = tiny_model()
     bad = tmp_path / "bad.csv"
     bad.write_text("file,caption\na.png,x\n")
     with pytest.raises(ValueError, match=r"bad\.csv: needs a 'path' column"):
@@ -210,7 +171,7 @@ def _distributed_worker(rank: int, world_size: int, port: int, table: str, out_d
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        model, text, cfg = _tiny_model()
+        model, text, cfg = tiny_model()
         model.train()                                     # evaluation switches to eval mode and back
         res = evaluate_distributed(model, text, cfg, table, rank=rank, world_size=world_size)
         assert model.training
@@ -223,11 +184,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     table = write_csv_set(tmp_path / "data", 11, captions_per_image=2)  # 11 images: not divisible by 2
-    model, text, cfg = _tiny_model()
+    model, text, cfg = tiny_model()
     single = evaluate_distributed(model, text, cfg, str(table), rank=0, world_size=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     mp.spawn(_distributed_worker, args=(2, port, str(table), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]

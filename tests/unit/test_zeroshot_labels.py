@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw
 from cluster.cli.main import main
 from vlm.config import ConfigError, load_config
 from vlm.eval.datasets import beside_data
-from vlm.eval.runner import (build_prompts, evaluate_model, flat_metrics, format_results, resolve_class_names,
-                          resolve_templates, zeroshot_metrics)
-from vlm.models import build_clip
+from vlm.eval.runner import evaluate_model, flat_metrics, format_results
+from vlm.eval.zeroshot import build_prompts, resolve_class_names, resolve_templates, zeroshot_metrics
+from vlm.models.registry import build_model
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
 
 TINY = ["model.embed_dim=16", "model.vision.width=16", "model.vision.depth=1", "model.vision.heads=2",
@@ -49,7 +49,7 @@ def tiny_model(overrides=()):
     cfg = load_config(None, TINY + list(overrides))
     tok = train_tokenizer([WORDS] * 5, vocab_size=80)
     torch.manual_seed(0)
-    return build_clip(cfg.model, tok.get_vocab_size()).eval(), RecordingEncoder(tok, 16), cfg, tok
+    return build_model(cfg.model, tok.get_vocab_size()).eval(), RecordingEncoder(tok, 16), cfg, tok
 
 
 def image_folder(root: Path, classes=CLASSES) -> Path:

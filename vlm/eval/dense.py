@@ -6,12 +6,20 @@ patch's own content instead: in the last block it takes the *value* embedding of
 patch (skipping the query-key attention, i.e. attention replaced by the identity), sends
 it through that attention's output projection, then through ``ln_post`` and the image
 projection into the joint space, where it is compared with class text embeddings. Like
-MaskCLIP, the last block's residual branch and MLP are left out."""
+MaskCLIP, the last block's residual branch and MLP are left out.
+
+The protocol: classes are background (eval.background_prompts) plus the dataset's labels;
+each item's mask marks its own class; mIoU is over the classes present in the ground truth,
+background included."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from vlm.data.tokenizer import TextEncoder
+from vlm.eval.context import EvalContext
+from vlm.eval.zeroshot import prompt_embedding
+from vlm.models.clip import CLIP
 from vlm.models.vit import VisionTransformer
 
 
@@ -66,3 +74,16 @@ def miou(conf: torch.Tensor) -> dict:
     return {"dense_miou": iou[present].mean().item(),
             "dense_pixel_acc": (tp.sum() / conf.sum().clamp(min=1)).item(),
             "iou": iou.tolist(), "present": present.tolist()}
+
+
+def dense_class_embed(model: CLIP, text: TextEncoder, background_prompts: list[str],
+                      class_embed: torch.Tensor) -> torch.Tensor:
+    """The dense classes' embeddings [K, E]: row 0 the background (its prompts averaged),
+    then the zero-shot classes."""
+    return torch.cat([prompt_embedding(model, text, background_prompts)[None], class_embed])
+
+
+def evaluate_dense(ctx: EvalContext) -> dict:
+    """The dense protocol: mIoU of the summed confusion matrix -> results["dense"]."""
+    return {**miou(ctx.feats["confusion"]), "classnames": ["background", *ctx.class_names],
+            "features": ctx.ev.dense_features, "background_in_mean": True}

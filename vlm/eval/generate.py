@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vlm.models import CLIP
+from vlm.models.clip import CLIP
 from vlm.data.tokenizer import TextEncoder
 
 

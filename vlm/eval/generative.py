@@ -1,32 +1,36 @@
 """Evaluation of the generative and alignment parts of a checkpoint, on a shard directory
 (the run's held-out shards by default):
 
-- caption: greedy or beam captions (vlm.eval.generate); on data whose label is "{colour} {shape}"
-  (the demo corpus), the share of images whose caption names the right colour and the
-  right shape (a caption word may be any of the corpus's synonyms of the label word);
+- caption: greedy or beam captions (vlm.eval.generate); on labelled data ("{colour} {shape}"
+  on the demo corpus), the share of images whose caption names the right first word of the
+  label and the right rest (a caption word may be any of the caller's synonyms of a label word);
 - itm-rerank: text→image retrieval by contrastive similarity, then the top-k images of
   each caption re-ranked by the image–text matching head; recall@1 before and after;
 - box-zeroshot: each sample's ground-truth boxes (metadata "regions") classified among the
   phrases of the dataset by region–word alignment; accuracy against chance.
 
 These need parts that live in the objectives (the ITM head, the region projection), so the
-whole pre-trainer (model + objectives) is rebuilt from the checkpoint, not only the CLIP."""
+whole pre-trainer (model + objectives) is rebuilt from the checkpoint, not only the CLIP.
+What is specific to a dataset (new images to caption, the synonyms of its label words) is
+passed in by the caller (cluster/cli/generate.py takes them from demo/)."""
 from __future__ import annotations
 
 import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.resolve import resolve_verified
+from vlm.checkpoint.safeload import load_trainer_state
 from vlm.config import RunConfig, config_from_dict
 from vlm.data.batches import decode_image
 from vlm.eval.generate import caption
-from vlm.models import build_clip
-from vlm.objectives import build_objective
+from vlm.models.registry import build_model
+from vlm.objectives.registry import build_objective
 from vlm.train.module import Pretrainer
 from vlm.data.tokenizer import TextEncoder
 
@@ -45,17 +49,17 @@ class Sample:
 def load_pretrainer(path: str) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     """A run dir or a checkpoint dir (any ZeRO stage) -> (model + objectives in eval mode,
     text encoder, config). Checked against its manifest first, a run's corrupt newest
-    checkpoint skipped with a warning (checkpoint.resolve_verified)."""
-    return _load_verified(checkpoint.resolve_verified(path))
+    checkpoint skipped with a warning (resolve_verified)."""
+    return _load_verified(resolve_verified(path))
 
 
 def _load_verified(ckpt: Path) -> tuple[Pretrainer, TextEncoder, RunConfig]:
     from vlm.checkpoint.export import consolidated_state
 
-    state = checkpoint.load_trainer_state(ckpt)
+    state = load_trainer_state(ckpt)
     cfg = config_from_dict(state["config"])
     text = TextEncoder.from_json(state["tokenizer"], cfg.model.text.context_length)
-    model = build_clip(cfg.model, text.vocab_size)
+    model = build_model(cfg.model, text.vocab_size)
     width = getattr(model.visual, "pooled_dim", cfg.model.vision.width)
     objectives = [build_objective(o, embed_dim=cfg.model.embed_dim, vision_width=width, model=model,
                                   vocab_size=text.vocab_size, kernels=cfg.kernels) for o in cfg.objectives]
@@ -74,7 +78,7 @@ def objective(pretrainer: Pretrainer, name: str):
 
 def read_samples(data: str, *, image_size: int, label_template: str, limit: int | None = None) -> list[Sample]:
     """The first `limit` samples of a shard directory, in order."""
-    from data_pipeline.shards.reader import iter_tar_samples, list_shards
+    from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
     shards = list_shards(data)
     if not shards:
@@ -94,25 +98,27 @@ def read_samples(data: str, *, image_size: int, label_template: str, limit: int 
     return out
 
 
-def unseen_synthetic_samples(cfg: RunConfig, count: int) -> list[Sample]:
-    """`count` images of the demo corpus's training (colour, shape) pairs that the corpus
-    never drew (demo.corpus.unseen_samples), resized as ingestion resizes:
-    held-out images of seen combinations, with their labels and regions."""
+# New images from the caller: (run config, count) -> (image bytes, record) pairs, the record
+# holding "key", "caption", "label" and "regions".
+ImageSource = Callable[[RunConfig, int], Iterable[tuple[bytes, dict]]]
+
+
+def generated_samples(cfg: RunConfig, source: ImageSource, count: int) -> list[Sample]:
+    """`count` images of `source`, resized as ingestion resizes (cfg.data.ingest) and then
+    as the model reads them, with their captions, labels and regions."""
     from PIL import Image
 
-    from data_pipeline.ingest.driver import resize_image
-    from demo.corpus import unseen_samples
+    from data_pipeline.ingest.codec import resize_image
 
     size = cfg.model.vision.image_size
     out = []
-    for data, record in unseen_samples(cfg.data.corpus, count, "train"):
+    for data, record in source(cfg, count):
         img = resize_image(Image.open(io.BytesIO(data)).convert("RGB"), cfg.data.ingest.image_size,
                            cfg.data.ingest.resize_mode)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        out.append(Sample(key=record["path"], image=decode_image({"png": buf.getvalue()}, size),
-                          caption=record["caption"], label=f"{record['colour']} {record['shape']}",
-                          regions=record["regions"]))
+        out.append(Sample(key=record["key"], image=decode_image({"png": buf.getvalue()}, size),
+                          caption=record["caption"], label=record["label"], regions=record["regions"]))
     return out
 
 
@@ -129,10 +135,9 @@ def names_label(text: str, label: str, synonyms: dict[str, tuple[str, ...]]) -> 
 
 
 def caption_task(pretrainer: Pretrainer, text: TextEncoder, samples: list[Sample], *, beam: int = 1,
-                 batch_size: int = 64) -> dict:
-    from demo.corpus import word_synonyms
-
-    synonyms = word_synonyms()
+                 batch_size: int = 64, synonyms: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Captions every sample; with labels, the share naming the label's words (or synonyms)."""
+    synonyms = synonyms or {}
     captions = []
     for chunk in _batches(samples, batch_size):
         captions += caption(pretrainer.model, torch.stack([s.image for s in chunk]), text, beam=beam)
@@ -202,7 +207,7 @@ def box_zeroshot_task(pretrainer: Pretrainer, text: TextEncoder, samples: list[S
     boxed = [s for s in samples if s.regions]
     if not boxed:
         raise ValueError("no sample has 'regions' metadata (boxes and phrases): ingest a table with a "
-                         "regions column (demo.corpus.write_url_table(..., regions=True))")
+                         "regions column (demo.tables.write_url_table(..., regions=True))")
     phrases = sorted({r["phrase"] for s in boxed for r in s.regions})
     phrase_embed = F.normalize(model.encode_text(*text(phrases)), dim=-1)
     hits = total = 0
@@ -220,16 +225,17 @@ def box_zeroshot_task(pretrainer: Pretrainer, text: TextEncoder, samples: list[S
             "times_chance": acc / chance}
 
 
-SEEN = "synthetic-seen"  # the `data` value that selects unseen_synthetic_samples
-SEEN_COUNT = 600
+GENERATED_COUNT = 600  # images taken from an ImageSource when no limit is given
 
 
 def evaluate_generative(path: str, *, data: str | None = None, tasks: list[str] | None = None, beam: int = 1,
-                        top_k: int = 16, limit: int | None = None) -> dict:
+                        top_k: int = 16, limit: int | None = None, source: ImageSource | None = None,
+                        synonyms: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Loads the checkpoint at `path` and runs `tasks` (default: every task its objectives
-    support) on `data`: a shard directory (default: the run's eval shards), or SEEN for
-    new images of the run's synthetic corpus's training combinations (`limit`, default 600)."""
-    ckpt = checkpoint.resolve_verified(path)  # once: the result names it without hashing again
+    support) on `data`: a shard directory (default: the run's eval shards), or, with
+    `source`, `limit` (default 600) new images from it (`data` then only names them in the
+    results). `synonyms`: label word -> the words a caption may use for it."""
+    ckpt = resolve_verified(path)  # once: the result names it without hashing again
     pretrainer, text, cfg = _load_verified(ckpt)
     names = {o.name for o in pretrainer.objectives}
     if not tasks:
@@ -240,15 +246,15 @@ def evaluate_generative(path: str, *, data: str | None = None, tasks: list[str] 
     if bad:
         raise ValueError(f"unknown task(s) {', '.join(bad)}; known: {', '.join(TASKS)}")
     data = data or cfg.path(cfg.data.eval_shards)
-    if data == SEEN:
-        samples = unseen_synthetic_samples(cfg, limit or SEEN_COUNT)
+    if source is not None:
+        samples = generated_samples(cfg, source, limit or GENERATED_COUNT)
     else:
         samples = read_samples(data, image_size=cfg.model.vision.image_size,
                                label_template=cfg.eval.label_template, limit=limit)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(ckpt), "data": data}
     if "caption" in tasks:
-        results["caption"] = caption_task(pretrainer, text, samples, beam=beam)
+        results["caption"] = caption_task(pretrainer, text, samples, beam=beam, synonyms=synonyms)
     if "itm-rerank" in tasks:
         results["itm_rerank"] = itm_rerank_task(pretrainer, text, samples, top_k=top_k)
     if "box-zeroshot" in tasks:

@@ -1,5 +1,4 @@
-"""Typed config slices for the data pipeline (synthetic corpus, fetching, ingestion,
-scoring and filtering).
+"""Typed config slices for the data pipeline (fetching, ingestion, scoring and filtering).
 
 Each model forbids unknown keys so a typo in YAML or a ``--set`` override fails at
 start-up with the offending key path instead of being silently ignored.
@@ -13,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_pipeline.shards.format import ENCODE_EXTS
+
 
 # The pixel budget of every decoder of untrusted images by default (ingest, training,
 # eval, inspect, score): an image whose header declares more is never decoded.
@@ -23,18 +24,6 @@ class InputError(ValueError):
     """What the user gave cannot be used (an input table without a needed column, an output
     directory that cannot be written), found before any work starts: the CLI reports it as
     a usage error (exit status 2), naming the file, column or key."""
-
-
-class CorpusConfig(BaseModel):
-    """The procedural colour/shape corpus used for tests and smoke runs."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    num_train: int = Field(6000, ge=0)
-    num_heldout: int = Field(600, ge=0)
-    image_size: int = Field(64, ge=16, le=4096)
-    broken_urls: bool = True
 
 
 class FetchConfig(BaseModel):
@@ -115,7 +104,7 @@ class IngestConfig(BaseModel):
     resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "center_crop"
     # shrinking filter: box = area averaging (OpenCV's INTER_AREA); enlarging is bicubic
     downscale: Literal["box", "bicubic", "lanczos"] = "box"
-    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_format: Literal[ENCODE_EXTS] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
     min_image_size: int = Field(0, ge=0)  # shorter side of the original, pixels
     max_image_size: int = Field(0, ge=0)  # longer side of the original; 0 = no limit

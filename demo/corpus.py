@@ -4,6 +4,7 @@ Six colours × six shapes give 36 combinations; 12 of them are held out of train
 zero-shot evaluation can test compositional generalisation ("a photo of a red star."
 when the model only saw red things and stars separately). Captions vary in template,
 synonyms, size and position words so the text tower cannot just memorise one string.
+The tables written from it (URL table, mask table) are in demo.tables.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_pipeline.config import CorpusConfig
+from demo.config import CorpusConfig
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -315,93 +316,3 @@ def render_mask(corpus: Corpus, record: dict) -> np.ndarray:
     colour, shape = pairs[int(rng.integers(len(pairs)))]
     *_, mask = render_image_and_mask(rng, colour, shape, corpus.cfg.image_size)
     return mask
-
-
-def write_mask_table(corpus: Corpus, split: str = "heldout") -> Path:
-    """Writes ``masks/{split}/{index}.png`` (255 on the shape, 0 elsewhere) and
-    ``{split}_eval.csv`` (path, caption, label, mask; paths relative to the corpus root):
-    an evaluation set that `vlm eval --task dense` (and every other task) reads."""
-    import csv
-
-    root = corpus.root
-    (root / "masks" / split).mkdir(parents=True, exist_ok=True)
-    table = root / f"{split}_eval.csv"
-    with open(table, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "caption", "label", "mask"])
-        for record in corpus.split(split):
-            mask_path = record["path"].replace("images/", "masks/", 1)
-            Image.fromarray(render_mask(corpus, record).astype(np.uint8) * 255).save(root / mask_path)
-            writer.writerow([record["path"], record["caption"], f"{record['colour']} {record['shape']}", mask_path])
-    return table
-
-
-def write_url_table(
-    corpus: Corpus,
-    base_url: str,
-    path: str,
-    *,
-    split: str,
-    include_broken: bool | None = None,
-    regions: bool = False,
-) -> int:
-    """Write a parquet URL table for one split; returns the number of rows written.
-
-    ``include_broken`` (default: ``corpus.cfg.broken_urls``) appends one row per broken
-    endpoint of ``demo.server.ImageServer`` so ingestion meets real failures.
-    ``regions`` adds a "regions" column (each row's boxes and phrases, see regions_of),
-    which ingestion copies into every sample's metadata for region–word matching.
-    """
-    import fsspec
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from demo.server import BROKEN_ENDPOINTS
-
-    base = base_url.rstrip("/")
-    rows = [
-        {
-            "url": f"{base}/{r['path']}",
-            "caption": r["caption"],
-            "colour": r["colour"],
-            "shape": r["shape"],
-            "label": f"{r['colour']} {r['shape']}",
-            "split": r["split"],
-            "bbox": list(r["bbox"]),
-            **({"regions": r["regions"]} if regions else {}),
-        }
-        for r in corpus.split(split)
-    ]
-    if include_broken is None:
-        include_broken = corpus.cfg.broken_urls
-    if include_broken:
-        for hint, endpoint in BROKEN_ENDPOINTS.items():
-            rows.append(
-                {
-                    "url": f"{base}{endpoint}",
-                    "caption": f"broken sample ({hint.replace('_', ' ')})",
-                    "colour": None,
-                    "shape": None,
-                    "label": None,
-                    "split": split,
-                    "bbox": None,
-                    **({"regions": None} if regions else {}),
-                }
-            )
-    schema = pa.schema(
-        [
-            ("url", pa.string()),
-            ("caption", pa.string()),
-            ("colour", pa.string()),
-            ("shape", pa.string()),
-            ("label", pa.string()),  # the class of the sample, for UniCL-style objectives
-            ("split", pa.string()),
-            ("bbox", pa.list_(pa.int32())),
-        ]
-        + ([("regions", pa.list_(pa.struct([("box", pa.list_(pa.float64())), ("phrase", pa.string())])))]
-           if regions else [])
-    )
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with fsspec.open(path, "wb") as f:
-        pq.write_table(table, f)
-    return table.num_rows

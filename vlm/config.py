@@ -2,7 +2,8 @@
 
 YAML files in configs/ are loaded, `--set a.b=c` overrides applied, then the whole tree is
 validated by pydantic. Unknown keys and bad values are `ConfigError`s whose message names
-the key path and what is allowed. Each component receives only its own slice."""
+the key path and what is allowed. Each component receives only its own slice. Which keys
+a resume may change lives in vlm.config_changes."""
 from __future__ import annotations
 
 import os
@@ -12,10 +13,27 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_pipeline.config import CorpusConfig, IngestConfig
+from data_pipeline.config import FilterConfig, IngestConfig, ScoreConfig
 from data_pipeline.shards.reader import ReaderConfig
 from vlm.models.config import ModelConfig
+from vlm.models.presets import list_presets, preset_dict
 from vlm.objectives.configs import AnyObjectiveConfig, ClipInfoNCEConfig
+
+
+# Keys of data: that older versions wrote and no run reads any more (the demo's corpus, now
+# in the `demo:` section): a saved config holding them still loads.
+LEGACY_DATA_KEYS: tuple[str, ...] = ("corpus",)
+# Top-level sections of a config file that belong to a program above vlm and that RunConfig
+# leaves to it: `demo:` (the synthetic corpus of `vlm demo`, validated by demo.config).
+OTHER_SECTIONS: tuple[str, ...] = ("demo",)
+
+
+def drop_legacy_keys(tree: dict) -> dict:
+    """A saved config tree without the keys LEGACY_DATA_KEYS names."""
+    data = tree.get("data")
+    if not isinstance(data, dict) or not any(k in data for k in LEGACY_DATA_KEYS):
+        return tree
+    return {**tree, "data": {k: v for k, v in data.items() if k not in LEGACY_DATA_KEYS}}
 
 
 class Strict(BaseModel):
@@ -137,7 +155,7 @@ class MetricsConfig(Strict):
 
 class EvalConfig(Strict):
     """Evaluation (vlm/eval/runner.py): `vlm eval`, and every `every_steps` during training."""
-    label_template: str = "{colour} {shape}"  # class label from shard metadata
+    label_template: str = "{label}"  # class label from shard metadata
     # zero-shot class names and prompts (README, "Class names and templates"): label value ->
     # class name, and templates with a {c} slot ({} still accepted). Empty: `vlm eval
     # --classnames/--templates`, else classnames.txt / zeroshot_classification_templates.txt
@@ -176,8 +194,9 @@ class EvalConfig(Strict):
 
 
 class DataConfig(Strict):
-    corpus: CorpusConfig = CorpusConfig()
     ingest: IngestConfig = IngestConfig()
+    score: ScoreConfig = ScoreConfig()  # `vlm data score`
+    filter: FilterConfig = FilterConfig()  # `vlm data filter`
     reader: ReaderConfig = ReaderConfig()
     label_field: str | None = "label"  # sample metadata field holding the class (UniCL); None = no labels
     augment: AugmentConfig = AugmentConfig()  # the two views of image–image objectives
@@ -190,10 +209,17 @@ class DataConfig(Strict):
     max_bad_sample_ratio: float = Field(0.5, gt=0, le=1)
     bad_sample_window: int = Field(1000, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy(cls, value):
+        # configs saved before the demo's corpus moved to the file's `demo:` section (run
+        # directories, checkpoints) hold data.corpus: dropped, as no run reads it
+        return {k: v for k, v in value.items() if k not in LEGACY_DATA_KEYS} if isinstance(value, dict) else value
+
 
 class RunConfig(Strict):
-    name: str = "demo"
-    run_dir: str = "runs/demo"
+    name: str = "run"
+    run_dir: str = "runs/run"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -313,8 +339,6 @@ def _expand_model_preset(tree: dict) -> dict:
     model = tree.get("model")
     if not isinstance(model, dict) or not model.get("preset"):
         return tree
-    from vlm.models.registry import list_presets, preset_dict
-
     name = model["preset"]
     if name not in list_presets():
         raise ConfigError(f"invalid config:\n  model.preset: unknown preset {name!r}; "
@@ -322,8 +346,8 @@ def _expand_model_preset(tree: dict) -> dict:
     return {**tree, "model": _deep_merge(preset_dict(name), model)}
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
-    """YAML file (or the embedded defaults when None) + overrides -> validated RunConfig."""
+def read_config_tree(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> dict:
+    """YAML file (or an empty tree when None) + overrides, model presets expanded, not validated."""
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -336,7 +360,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
     tree = apply_overrides(tree, list(overrides))
-    tree = _expand_model_preset(tree)
+    return _expand_model_preset(tree)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or the embedded defaults when None) + overrides -> validated RunConfig;
+    the OTHER_SECTIONS of the file are left to their programs."""
+    tree = read_config_tree(path, overrides)
+    tree = {k: v for k, v in tree.items() if k not in OTHER_SECTIONS}
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
@@ -349,83 +380,3 @@ def dump_config(cfg: RunConfig) -> str:
 
 def config_from_dict(tree: dict) -> RunConfig:
     return RunConfig.model_validate(tree)
-
-
-# The keys a resumed run may change (`vlm train --resume … --set KEY=VALUE`, a resubmitted
-# `vlm cluster submit`), as dotted paths: a path covers every key below it, '*' stands for
-# a list index. They steer the run (its length, the learning-rate schedule's shape,
-# logging, checkpointing, evaluation, metrics, the number of workers and the batch
-# schedule over them), say where its files are, or only concern ingestion. Every other key
-# is saved in the checkpoint or gives it its shape (model, objectives, tokenizer, micro
-# batch, ZeRO stage, precision, seed, optimizer, augmentation, reader) and must stay as
-# the checkpoint has it. optim.lr is not here: the scheduler's base learning rate is
-# restored from the checkpoint, so a new one would be silently ignored.
-RESUME_CHANGEABLE: tuple[str, ...] = (
-    "name", "run_dir", "kernels",
-    "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.checkpoint_dir", "train.num_workers", "train.global_batch_size", "train.grad_accum_steps",
-    "train.threads_per_worker", "train.stop_grace_s", "train.max_failures",
-    "optim.warmup_steps", "optim.min_lr_ratio",
-    "model.grad_checkpointing",
-    "data.train_shards", "data.eval_shards", "data.reader.mix.*.shards",
-    "data.max_bad_sample_ratio", "data.bad_sample_window", "data.corpus", "data.ingest",
-    "eval", "metrics",
-)
-_ABSENT = "(absent)"
-
-
-def config_diff(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, old value, new value) for every leaf where two config trees (as
-    model_dump(mode="json") gives them) differ; lists of sections of the same length are
-    compared item by item (objectives.1.weight), anything else as a whole."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = list(old) + [k for k in new if k not in old]
-        return [d for k in keys for d in config_diff(old.get(k, _ABSENT), new.get(k, _ABSENT),
-                                                       f"{path}.{k}" if path else str(k))]
-    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
-            and any(isinstance(v, dict) for v in old + new)):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{path}.{i}")]
-    return [] if old == new else [(path, old, new)]
-
-
-def resume_changeable(key: str, allowed: tuple[str, ...] = RESUME_CHANGEABLE) -> bool:
-    from fnmatch import fnmatchcase
-
-    return any(fnmatchcase(key, p) or fnmatchcase(key, p + ".*") for p in allowed)
-
-
-def _as_current(tree: dict) -> dict:
-    """A saved config tree as this version dumps it (keys added since get their defaults);
-    as saved when it no longer validates."""
-    try:
-        return RunConfig.model_validate(tree).model_dump(mode="json")
-    except ValidationError:
-        return tree
-
-
-def config_changes(saved: dict, cfg: RunConfig,
-                   allowed: tuple[str, ...] = RESUME_CHANGEABLE) -> list[tuple[str, Any, Any]]:
-    """The differences between a saved config tree and cfg outside the `allowed` keys."""
-    return [d for d in config_diff(_as_current(saved), cfg.model_dump(mode="json"))
-            if not resume_changeable(d[0], allowed)]
-
-
-def format_changes(changes: list[tuple[str, Any, Any]]) -> str:
-    def show(v: Any) -> str:
-        text = v if v == _ABSENT else repr(v)
-        return text if len(text) <= 120 else text[:117] + "..."
-    return "\n".join(f"  {key}: {show(old)} → {show(new)}" for key, old, new in changes)
-
-
-def check_resume_config(saved: dict | None, cfg: RunConfig, *, checkpoint: str | os.PathLike) -> None:
-    """ConfigError listing the keys (dotted paths, saved → new) where cfg differs from the
-    config `checkpoint` was saved with, other than RESUME_CHANGEABLE: a resume would load
-    state of another shape (a raw state_dict mismatch deep in DeepSpeed) or silently train
-    on with settings the checkpoint contradicts."""
-    changes = config_changes(saved, cfg) if saved else []
-    if changes:
-        raise ConfigError(
-            f"config differs from the checkpoint {checkpoint} in keys a resume cannot change:\n"
-            f"{format_changes(changes)}\n"
-            f"only these may change on resume: {', '.join(RESUME_CHANGEABLE)} (docs/checkpoints.md); "
-            "to start a new run with this config instead, pass --set run_dir=NEW_DIR")

@@ -12,7 +12,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH",
                    help="shard directory (default: the run's data.eval_shards, on the demo the held-out "
                    "(colour, shape) combinations), or 'synthetic-seen': --limit (default 600) new images of "
-                   "the run's synthetic corpus's training combinations, never part of its training set")
+                   "the run's synthetic corpus's training combinations (its settings as `vlm demo` saved "
+                   "them in the run directory), never part of its training set")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     p.add_argument("--output", metavar="JSON", help="also write the results here")
 
@@ -55,6 +56,25 @@ def _check(args) -> None:
         raise ValueError(f"--top-k must be positive, not {args.top_k}")
 
 
+SEEN = "synthetic-seen"  # the --data value: new images of the demo corpus's training combinations
+
+
+def _demo_inputs(args) -> dict:
+    """What the evaluation takes from the demo: the synonyms of the corpus's colour and shape
+    words and, for --data synthetic-seen, new images of the training (colour, shape) pairs of
+    the run's corpus (its settings saved in the run directory by `vlm demo`)."""
+    from demo.config import saved_demo_config
+    from demo.corpus import unseen_samples, word_synonyms
+
+    def seen(cfg, count: int):
+        corpus = saved_demo_config(args.checkpoint, cfg.run_dir).corpus
+        for data, r in unseen_samples(corpus, count, "train"):
+            yield data, {"key": r["path"], "caption": r["caption"], "label": f"{r['colour']} {r['shape']}",
+                         "regions": r["regions"]}
+
+    return {"synonyms": word_synonyms(), "source": seen if args.data == SEEN else None}
+
+
 def _finish(results: dict, args) -> int:
     from vlm.eval.generative import format_generative
 
@@ -74,7 +94,7 @@ def cmd_caption(args) -> int:
 
     _check(args)
     return _finish(evaluate_generative(args.checkpoint, data=args.data, tasks=["caption"], beam=args.beam,
-                                       limit=args.limit), args)
+                                       limit=args.limit, **_demo_inputs(args)), args)
 
 
 def cmd_eval_generative(args) -> int:
@@ -82,4 +102,4 @@ def cmd_eval_generative(args) -> int:
 
     _check(args)
     return _finish(evaluate_generative(args.checkpoint, data=args.data, tasks=args.task, beam=args.beam,
-                                       top_k=args.top_k, limit=args.limit), args)
+                                       top_k=args.top_k, limit=args.limit, **_demo_inputs(args)), args)

@@ -20,10 +20,11 @@ from PIL import Image
 from cluster.cli.main import main
 from demo.corpus import make_caption, regions_of, render_image, train_pairs
 from vlm.eval.generative import Sample, box_zeroshot_task, load_pretrainer, names_label
-from vlm.models import build_model
 from vlm.models.config import ModelConfig
-from vlm.objectives import ClipInfoNCEConfig, ITMConfig, RegionWordConfig, build_objective
+from vlm.models.registry import build_model
+from vlm.objectives.configs import ClipInfoNCEConfig, ITMConfig, RegionWordConfig
 from vlm.objectives.itm import BASE_RATE_LOSS
+from vlm.objectives.registry import build_objective
 from vlm.train.module import Pretrainer
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
 

@@ -101,3 +101,47 @@ def test_model_preset_is_expanded_and_overridable():
     assert cfg.model.text.context_length == 32 and cfg.model.preset == "ViT-B-16"
     with pytest.raises(ConfigError, match="model.preset: unknown preset 'ViT-X'; registered: .*ViT-B-16"):
         load_config(None, ["model.preset=ViT-X"])
+
+
+def test_the_demo_section_is_the_demos_alone():
+    from demo.config import CorpusConfig, load_demo_config
+
+    cfg = load_config("configs/demo.yaml")  # `vlm train` and every other command accept the file
+    assert "corpus" not in cfg.data.model_dump() and (cfg.name, cfg.run_dir) == ("demo", "runs/demo")
+    assert cfg.eval.label_template == "{colour} {shape}"
+    for path in ("configs/demo.yaml", "configs/coca.yaml", "configs/flava.yaml", "configs/blip.yaml"):
+        run, demo = load_demo_config(path, ["demo.corpus.num_train=12", "train.steps=3"])
+        assert demo.corpus == CorpusConfig(num_train=12) and run.train.steps == 3
+        assert run == load_config(path, ["train.steps=3"])
+    with pytest.raises(ConfigError, match=r"demo.corpus.num_trian: unknown key; allowed keys: broken_urls"):
+        load_demo_config("configs/demo.yaml", ["demo.corpus.num_trian=12"])
+    with pytest.raises(ConfigError, match=r"demo.corpus.num_train: Input should be greater than or equal to 0"):
+        load_demo_config("configs/demo.yaml", ["demo.corpus.num_train=-1"])
+    with pytest.raises(ConfigError) as e:  # dropping the legacy key lets no other unknown key through
+        load_config(None, ["data.corpus.seed=1", "data.ingset.threads=2"])
+    assert "data.ingset: unknown key" in str(e.value) and "corpus" not in str(e.value)
+
+
+def test_neutral_defaults():
+    cfg = RunConfig()
+    assert cfg.name == "run" and cfg.eval.label_template == "{label}"
+
+
+def test_a_saved_config_with_the_legacy_corpus_key_loads_and_resumes(tmp_path):
+    from demo.config import load_demo_config
+    from vlm.config_changes import check_resume_config, config_changes
+
+    cfg = load_config("configs/demo.yaml")
+    saved = yaml.safe_load(dump_config(cfg))
+    saved["data"]["corpus"] = {"seed": 3, "num_train": 50, "num_heldout": 6, "image_size": 64, "broken_urls": False}
+    assert RunConfig.model_validate(saved) == cfg  # a checkpoint's or run directory's config
+    assert config_changes(saved, cfg) == []
+    check_resume_config(saved, cfg, checkpoint="ckpt")
+    saved["train"]["zero_stage"] = 1
+    assert [k for k, _, _ in config_changes(saved, cfg)] == ["train.zero_stage"]
+    old = tmp_path / "old.yaml"  # a config file written before the demo section: the demo reads it
+    old.write_text(yaml.safe_dump({**saved, "train": {"steps": 5}}))
+    run, demo = load_demo_config(old)
+    assert demo.corpus.num_train == 50 and demo.corpus.seed == 3 and run.train.steps == 5
+    run, demo = load_demo_config(old, ["demo.corpus.num_heldout=2"])  # --set demo.* over the legacy key
+    assert (demo.corpus.num_train, demo.corpus.num_heldout, demo.corpus.seed) == (50, 2, 3)

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from data_pipeline.config import CorpusConfig
+from demo.config import CorpusConfig
 from demo.server import BROKEN_ENDPOINTS
 from demo.corpus import (
     COLOURS,
@@ -16,8 +16,8 @@ from demo.corpus import (
     generate_corpus,
     heldout_pairs,
     train_pairs,
-    write_url_table,
 )
+from demo.tables import write_url_table
 
 
 def _snapshot(corpus):
@@ -127,3 +127,16 @@ def test_write_url_table_with_broken_rows(corpus500, tmp_path):
     assert {r["url"].split(":9", 1)[1] for r in rows[60:]} == set(BROKEN_ENDPOINTS.values())
     write_url_table(corpus500, "http://h", str(path), split="train", include_broken=False)
     assert pq.read_table(path).num_rows == 500
+
+
+def test_the_demo_section_saved_in_a_run_directory_is_found_from_its_checkpoints(tmp_path):
+    from demo.config import DemoConfig, save_demo_config, saved_demo_config
+
+    run = tmp_path / "runs" / "x"
+    (run / "checkpoints" / "step_00000005").mkdir(parents=True)
+    demo = DemoConfig(corpus=CorpusConfig(seed=4, num_train=9, num_heldout=3))
+    save_demo_config(run, demo)
+    assert saved_demo_config(run) == demo
+    assert saved_demo_config(run / "checkpoints" / "step_00000005") == demo
+    assert saved_demo_config(tmp_path / "elsewhere", run) == demo  # the first place holding one
+    assert saved_demo_config(tmp_path / "elsewhere") == DemoConfig()  # none: the defaults

@@ -10,15 +10,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from data_pipeline.shards.reader import ShardReader, list_shards
-from demo.corpus import generate_corpus, write_url_table
-from data_pipeline.config import CorpusConfig
+from data_pipeline.shards.reader import ShardReader
+from data_pipeline.shards.samples import list_shards
+from demo.corpus import generate_corpus
+from demo.tables import write_url_table
+from demo.config import CorpusConfig
 from vlm.data.batches import NO_LABEL, BatchLoader, label_id
 from vlm.eval.generate import beam_search, caption, greedy
-from vlm.models import build_model
 from vlm.models.config import ModelConfig
 from vlm.models.decoder import MAEDecoder
 from vlm.models.fusion import FusionEncoder
+from vlm.models.registry import build_model
 from vlm.models.roi import roi_align
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
 

@@ -16,7 +16,8 @@ import pytest
 
 from support.rayhead import ray_head
 from support.shardgen import TINY_MODEL, set_args, write_shards
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.resolve import resolve
+from vlm.checkpoint.safeload import load_trainer_state
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -124,7 +125,7 @@ def test_submit_idempotent_logs_checkpoints_metrics(head, shards, tmp_path):
     assert [j["submission_id"] for j in listed if j["run"] == "tiny"] == ["vlm-tiny"]  # one run
     text = logs(head, "tiny")
     assert "run tiny finished; newest checkpoint step_00000200" in text
-    assert checkpoint.load_trainer_state(checkpoint.resolve(str(run_dir)))["step"] == 200
+    assert load_trainer_state(resolve(str(run_dir)))["step"] == 200
     steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 201, 5))
 
@@ -149,7 +150,7 @@ def test_killed_worker_restarts_and_resumes(head, shards, tmp_path):
     # rows the killed group logged past that checkpoint are dropped: one row per step
     assert steps == list(range(5, 301, 5))
     assert all(steps.count(s) == 1 for s in range(5, at + 1, 5))
-    assert checkpoint.load_trainer_state(checkpoint.resolve(str(run_dir)))["step"] == 300
+    assert load_trainer_state(resolve(str(run_dir)))["step"] == 300
 
 
 def test_stop_ends_stopped_with_final_checkpoint(head, shards, tmp_path):
@@ -162,7 +163,7 @@ def test_stop_ends_stopped_with_final_checkpoint(head, shards, tmp_path):
     saving = [line for line in text.splitlines() if "stop requested" in line]
     assert len(saving) == 1, text[-3000:]
     at = int(saving[0].rsplit("saving at step ", 1)[1])
-    state = checkpoint.load_trainer_state(checkpoint.resolve(str(run_dir)))
+    state = load_trainer_state(resolve(str(run_dir)))
     assert 0 < state["step"] == at < 50000
     assert status(head, "stopped")["status"] == "STOPPED"
     # submitting the stopped run again resumes it under a new submission id

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 
 from cluster.cli.main import main
+from support.ports import free_port
 
 SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["data", "score"], ["data", "filter"], ["data", "inspect"],
+               ["caption"], ["eval-generative"],
                ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"], ["monitor"], ["report"],
                ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"],
                ["cluster"], ["cluster", "submit"], ["cluster", "status"], ["cluster", "logs"], ["cluster", "stop"],
@@ -31,11 +33,7 @@ def test_subcommand_help(argv, capsys):
 
 def test_cluster_submit_without_server_names_the_address(capsys):
     """No job server at the address: one clear line, no traceback."""
-    import socket
-
-    with socket.socket() as s:  # a loopback port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     code = main(["cluster", "list", "--address", f"http://127.0.0.1:{port}"])
     err = capsys.readouterr().err
     assert code == 1 and f"http://127.0.0.1:{port}" in err and "Traceback" not in err

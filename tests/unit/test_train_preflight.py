@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,11 +20,12 @@ import yaml
 
 from cluster.cli.main import main
 from vlm.data.tokenizer import prepare_tokenizer
-from cluster.cli.cluster import JOB_CONFIG, _stage, check_resubmission, resolve_submission
+from cluster.ray.jobs import JOB_CONFIG, check_resubmission, resolve_submission, stage as stage_job
 from cluster.preflight import check_train
 from support.shardgen import write_shards
-from vlm.checkpoint import store as checkpoint
-from vlm.config import RESUME_CHANGEABLE, ConfigError, RunConfig, _models_in, load_config
+from vlm.config import ConfigError, RunConfig, _models_in, load_config
+from vlm.config_changes import RESUME_CHANGEABLE
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_S = 60  # a refusal before Ray: well under what starting Ray and a worker group takes
@@ -41,12 +41,6 @@ def write_config(path: Path, run_dir: Path, shards: Path) -> Path:
         "metrics": {"enabled": False}, "eval": {"every_steps": 0},
     }))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def engine(config: Path, *args: str) -> subprocess.CompletedProcess:
@@ -190,9 +184,10 @@ def test_submit_name_decides_run_dir_and_metrics_run_label(fresh, tmp_path):
     assert cfg.path(cfg.train.checkpoint_dir) == str(run_dir / "checkpoints")
     assert cfg.data.train_shards == default.data.train_shards  # inputs are shared, outputs are not
 
-    stage = Path(_stage(cfg, name))
+    stage = Path(stage_job(cfg, name))
     try:
         staged = load_config(stage / JOB_CONFIG)
+        assert (stage / "cluster" / "cli" / "main.py").is_file()  # the job's entrypoint travels with it
     finally:
         shutil.rmtree(stage)
     assert staged.name == "t7" and staged.run_dir == str(run_dir)

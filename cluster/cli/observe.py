@@ -1,0 +1,42 @@
+"""`vlm monitor` and `vlm report`: a local Prometheus server over one run, and a run's charts."""
+from __future__ import annotations
+
+
+def add_observe_commands(sub, config_args) -> None:
+    p = sub.add_parser("monitor", help="a local Prometheus server scraping one run's workers",
+                       description="Writes RUN_DIR/monitor/prometheus.yml (file_sd over the targets the "
+                       "run's workers announce in RUN_DIR/metrics/targets/, the alert rules of "
+                       "deploy/prometheus/alerts.yml), starts the `prometheus` binary on 127.0.0.1 with "
+                       "its database in RUN_DIR/monitor/data, prints its URL and serves until Ctrl-C.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
+    p.add_argument("--port", type=int, default=9090, metavar="N", help="listen port (default 9090; 0: any free)")
+    p.add_argument("--scrape-interval", default="2s", metavar="DURATION", help="scrape interval (default 2s)")
+    p.add_argument("--for", dest="duration", type=float, metavar="SECONDS",
+                   help="stop after this many seconds instead of waiting for Ctrl-C")
+    p.add_argument("--enable-lifecycle", action="store_true",
+                   help="serve Prometheus' /-/reload and /-/quit (off by default: anyone who can reach "
+                   "the port could reload or stop the server, without authentication)")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("report", help="PNG and HTML charts of a run",
+                       description="Reads RUN_DIR/train_log.jsonl and, when present, RUN_DIR/eval_log.jsonl; "
+                       "writes report.png (loss per objective, throughput, data-wait share, evaluation "
+                       "figures over steps) and a self-contained report.html.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
+    p.add_argument("--output", metavar="DIR", help="where to write them (default: RUN_DIR)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_monitor(args) -> int:
+    from vlm.observe.monitor import run_monitor
+
+    return run_monitor(args.run_dir, port=args.port, scrape_interval=args.scrape_interval, duration=args.duration,
+                       enable_lifecycle=args.enable_lifecycle)
+
+
+def cmd_report(args) -> int:
+    from vlm.observe.report import write_report
+
+    png, page = write_report(args.run_dir, args.output)
+    print(f"report: {page}\ncharts: {png}")
+    return 0

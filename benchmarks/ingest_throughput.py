@@ -141,6 +141,9 @@ def run_vlm(table: Path, out: Path, shard_size: int, extra: list[str] = (),
            "--set", "data.ingest.fetch.allow_private_hosts=[127.0.0.1]", *extra]
     if tree is None:
         return _timed(cmd)
+    # the other tree's own entry point (cluster/cli.py before the layout change, cluster/cli/main.py after)
+    module = "cluster.cli.main" if (tree / "cluster" / "cli" / "main.py").is_file() else "cluster.cli"
+    cmd = [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())", *cmd[1:]]
     return _timed(cmd, {**os.environ, "PYTHONPATH": str(tree)}, cwd=tree)
 
 
@@ -209,8 +212,9 @@ def main(argv=None) -> int:
     if not args.skip_throughput:
         names = generate_corpus(root / "corpus", args.images, args.processes)
         exe = None if args.skip_i2d else ensure_i2d(args.i2d_venv)
-        if args.baseline is not None and not (args.baseline / "cluster" / "cli.py").is_file():
-            p.error(f"--baseline {args.baseline}: not a checkout of this project (no cluster/cli/main.py)")
+        if args.baseline is not None and not any((args.baseline / "cluster" / f).is_file()
+                                                 for f in ("cli.py", "cli/main.py")):  # before and after the layout change
+            p.error(f"--baseline {args.baseline}: not a checkout of this project (no cluster/cli.py or cluster/cli/main.py)")
         server, url = start_server(root / "corpus")
         try:
             table = root / f"urls-{args.images}.parquet"

@@ -3,7 +3,6 @@ unauthenticated POST stops or reloads the server) unless --enable-lifecycle asks
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,16 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from support.ports import free_port
 
 pytestmark = pytest.mark.e2e
 VLM = str(Path(sys.executable).parent / "vlm")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def status(url: str, method: str = "GET") -> int:

@@ -13,7 +13,8 @@ import pytest
 
 from support.rayhead import ray_head as start_head
 from support.shardgen import TINY_MODEL, set_args, write_shards
-from vlm.checkpoint import store as checkpoint
+from vlm.checkpoint.resolve import resolve
+from vlm.checkpoint.safeload import load_trainer_state
 
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
@@ -65,5 +66,5 @@ def test_train_runs_objective(which, ray_head, shards, tmp_path):
         rec = log[-1]
         expected = rec["loss/clip_infonce"] + 0.5 * rec["loss/slip_image"] + 0.5 * rec["loss/unicl"]
         assert rec["loss/total"] == pytest.approx(expected, rel=1e-5)
-    state = checkpoint.load_trainer_state(checkpoint.resolve(str(run_dir)))
+    state = load_trainer_state(resolve(str(run_dir)))
     assert state["step"] == 3

@@ -7,11 +7,11 @@ process). A rank that raises fails the calling test with its traceback."""
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support.ports import free_port
 
 
 def _entry(fn, rank: int, world: int, port: int, queue) -> None:
@@ -30,9 +30,7 @@ class RankFailed(AssertionError):
 
 def run_ranks(fn, world: int, *, timeout: float = 120) -> list:
     """[fn(0), ..., fn(world - 1)], each computed in its own gloo rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a loopback port nobody listens on
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(fn, r, world, port, queue)) for r in range(world)]

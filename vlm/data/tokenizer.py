@@ -64,7 +64,7 @@ def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequenc
     import itertools
     from pathlib import Path
 
-    from data_pipeline.shards.reader import iter_tar_samples, list_shards
+    from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
     out_path = Path(out_path)
     if out_path.is_file():

@@ -19,7 +19,7 @@ import yaml
 
 from vlm.observe.metrics import TARGETS_DIR
 
-DEFAULT_RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 MONITOR_DIR = "monitor"
 
 

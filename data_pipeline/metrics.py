@@ -15,7 +15,7 @@ import uuid
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 SHARD_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-# Every failure reason fetch.py and ingest.py can produce, with HTTP codes folded by class.
+# Every failure reason ingest (fetch.py, rows.py, shard.py) can produce, with HTTP codes folded by class.
 REASONS = frozenset({
     "bad_url", "dns_error", "private_address", "too_large", "deadline", "timeout", "connection_error",
     "robots_optout", "too_many_redirects", "http_3xx", "http_4xx", "http_5xx", "no_caption",

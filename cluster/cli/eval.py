@@ -43,29 +43,13 @@ def add_eval_commands(sub, config_args) -> None:
 
 
 def cmd_eval(args) -> int:
-    from pydantic import ValidationError
-
-    from vlm.config import apply_overrides, config_from_dict, format_validation_error
-    from vlm.eval.load import load_eval_model
+    from vlm.eval.load import load_for_eval
     from vlm.eval.runner import evaluate_model, format_results
 
     for flag, file in (("--classnames", args.classnames), ("--templates", args.templates)):
         if file is not None and not os.path.isfile(file):
             raise ConfigError(f"vlm eval {flag}: {file} is not a file")
-    used = args.checkpoint
-    if not used.endswith(".safetensors"):  # verified once here, so the results name the checkpoint used
-        from vlm.checkpoint.resolve import resolve_verified
-
-        used = str(resolve_verified(args.checkpoint))
-    model, text, cfg = load_eval_model(used, verify_files=False)
-    if args.overrides:
-        bad = [o for o in args.overrides if not o.startswith("eval.")]
-        if bad:
-            raise ConfigError(f"vlm eval --set only takes eval.* keys (got {', '.join(bad)})")
-        try:
-            cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), args.overrides))
-        except ValidationError as e:
-            raise ConfigError(format_validation_error(e)) from None
+    used, model, text, cfg = load_for_eval(args.checkpoint, args.overrides)
     data = args.data or cfg.path(cfg.data.eval_shards)
     results = evaluate_model(model, text, cfg.eval, data, image_size=cfg.model.vision.image_size,
                              tasks=args.task, probe_train=args.probe_train, classnames=args.classnames,

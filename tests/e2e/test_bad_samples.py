@@ -306,7 +306,7 @@ def test_training_on_mostly_broken_shards_ends_with_a_clear_error(engine_data, t
     proc, = launch(d, data, 1, "train.steps=50", "data.bad_sample_window=20", "data.max_bad_sample_ratio=0.6")
     assert proc.wait(timeout=300) == 1
     out = "\n".join(f.read_text() for f in d.glob("rank*.out"))
-    assert re.search(r"python -m vlm\.engine: error: rank 0: \d+ of the last 20 samples read were bad "
+    assert re.search(r"python -m vlm\.train\.trainer: error: rank 0: \d+ of the last 20 samples read were bad "
                      r"\(data\.max_bad_sample_ratio: 0\.6; by reason so far: decode_error \d+\); the data is broken "
                      rf"in {re.escape(str(tars[1]))} \(\d+ bad\)", out), out[-3000:]
     assert "Traceback" not in out

@@ -37,6 +37,14 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+def shared_state(*, step: int, samples_seen: int, config: dict, tokenizer: str, world_size: int,
+                 zero_stage: int) -> dict:
+    """The part of trainer_state.pt every rank shares, as save() takes it: what a resume, an
+    export and `vlm ckpt inspect` read (README, "Contracts")."""
+    return {"step": step, "samples_seen": samples_seen, "config": config, "tokenizer": tokenizer,
+            "world_size": world_size, "zero_stage": zero_stage}
+
+
 def rank_state(reader_state: dict) -> dict:
     """This rank's part of the trainer state, as save() takes it: its reader's position and
     every generator's state (vlm.checkpoint.rng)."""

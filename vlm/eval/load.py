@@ -34,3 +34,24 @@ def load_eval_model(path: str, *, verify_files: bool = True) -> tuple[CLIP, Text
     model = build_model(cfg.model, text.vocab_size)
     model.load_state_dict(weights)
     return model.eval(), text, cfg
+
+
+def load_for_eval(checkpoint: str, eval_overrides: list[str] = ()) -> tuple[str, CLIP, TextEncoder, RunConfig]:
+    """`vlm eval`'s model: the checkpoint verified once (an export loads as it is), its model,
+    and its config with `--set eval.*` overrides applied. -> (the checkpoint used, model,
+    text encoder, config); a bad override is a ConfigError naming it."""
+    from pydantic import ValidationError
+
+    from vlm.config import ConfigError, apply_overrides, format_validation_error
+
+    bad = [o for o in eval_overrides if not o.startswith("eval.")]
+    if bad:
+        raise ConfigError(f"vlm eval --set only takes eval.* keys (got {', '.join(bad)})")
+    used = checkpoint if checkpoint.endswith(".safetensors") else str(resolve_verified(checkpoint))
+    model, text, cfg = load_eval_model(used, verify_files=False)
+    if eval_overrides:
+        try:
+            cfg = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), list(eval_overrides)))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e)) from None
+    return used, model, text, cfg

@@ -261,9 +261,9 @@ class Trainer:
         """Collective. Training stalls for the duration, exported as
         vlm_checkpoint_save_duration_seconds and printed."""
         t0 = time.perf_counter()
-        shared = {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.model_dump(mode="json"),
-                  "tokenizer": self.tokenizer_json, "world_size": self.world_size,
-                  "zero_stage": self.cfg.train.zero_stage}
+        shared = store.shared_state(step=self.step, samples_seen=self.samples_seen,
+                                    config=self.cfg.model_dump(mode="json"), tokenizer=self.tokenizer_json,
+                                    world_size=self.world_size, zero_stage=self.cfg.train.zero_stage)
         path = store.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
                           rank_state=store.rank_state(self.loader.state_dict()),
                           staging=self.run_dir / ".ckpt_staging")

@@ -195,10 +195,10 @@ def ingest(
 
     ``preflight`` runs first, before Ray is needed (``checked``: the caller ran it); an empty
     table returns an empty summary. Runs on the Ray the caller initialised (inside
-    ``cluster.ray.session.ray_session()``); raises RuntimeError without one. The table is streamed (the driver's memory does not grow
-    with it). Committed shards are skipped, or with ``retry_failed`` redone for their failed
-    rows (see ``ingest_shard``). ``metrics``: an optional
-    ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
+    ``cluster.ray.session.ray_session()``); raises RuntimeError without one. The table is
+    streamed (the driver's memory does not grow with it). Committed shards are skipped, or
+    with ``retry_failed`` redone for their failed rows (see ``ingest_shard``). ``metrics``:
+    an optional ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
     start = time.monotonic()
     if not checked and not preflight(input_path, output_dir, cfg):
         return IngestSummary()

@@ -146,7 +146,7 @@ def test_data_score_falls_back_and_refuses(runs, capsys, tmp_path):
 
 def test_train_resume_keeps_its_behaviour(runs):
     """locate (vlm train --resume) still falls back the same way, through its own warn."""
-    from vlm.checkpoint.resolve import locate, resolve_verified
+    from vlm.checkpoint.resolve import locate
 
     warnings: list[str] = []
     torn = runs / "torn"

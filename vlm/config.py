@@ -49,6 +49,23 @@ class AugmentConfig(Strict):
     contrast: float = Field(0.2, ge=0, lt=1)
 
 
+class CropConfig(Strict):
+    """The training images' random resized crop (vlm.data.pixels.train_crop): a share
+    `scale` of the image's area with aspect ratio (w / h) in `ratio`, resized to the model's
+    image_size. OpenCLIP's default; scale [1, 1] with ratio [1, 1] is the evaluation's
+    centre crop."""
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CropConfig":
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale {list(self.scale)} must satisfy 0 < low <= high <= 1")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio {list(self.ratio)} must satisfy 0 < low <= high")
+        return self
+
+
 # Colour words the caption-consistent greyscale augmentation renames: the basic English
 # colour terms and common shades. Achromatic words (black, white, grey) are left alone:
 # they stay true of a greyscale image.
@@ -201,6 +218,12 @@ class DataConfig(Strict):
     label_field: str | None = "label"  # sample metadata field holding the class (UniCL); None = no labels
     augment: AugmentConfig = AugmentConfig()  # the two views of image–image objectives
     colour_augment: ColourAugmentConfig = ColourAugmentConfig()  # caption-consistent greyscale (training)
+    train_crop: CropConfig = CropConfig()  # training images; evaluation resizes and centre-crops
+    # data worker processes per training rank that decode, crop and tokenise (0: in the
+    # training process); None: the CPUs this worker has (its affinity shared among the
+    # node's workers, LOCAL_WORLD_SIZE) minus one for the training process
+    loader_workers: int | None = Field(None, ge=0)
+    prefetch_batches: int = Field(2, ge=1)  # batches each data worker keeps ready
     train_shards: str = "{run_dir}/shards/train"
     eval_shards: str = "{run_dir}/shards/heldout"
     # Training skips and counts a bad sample (no image, undecodable, over the pixel budget
@@ -378,5 +401,18 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+def upgrade_saved_tree(tree: dict) -> dict:
+    """A config tree saved by an older version, as this version reads it: a model saved
+    before model.vision.image_mean/image_std existed was trained on x / 127.5 - 1, i.e.
+    mean = std = 0.5 (not CLIP's statistics, today's default)."""
+    model = tree.get("model")
+    vision = model.get("vision") if isinstance(model, dict) else None
+    if not isinstance(vision, dict) or "image_mean" in vision or "image_std" in vision:
+        return tree
+    vision = {**vision, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    return {**tree, "model": {**model, "vision": vision}}
+
+
 def config_from_dict(tree: dict) -> RunConfig:
-    return RunConfig.model_validate(tree)
+    """A saved config tree (a checkpoint's, a run directory's) -> RunConfig."""
+    return RunConfig.model_validate(upgrade_saved_tree(tree))

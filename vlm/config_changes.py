@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vlm.config import ConfigError, RunConfig, drop_legacy_keys
+from vlm.config import ConfigError, RunConfig, config_from_dict, drop_legacy_keys, upgrade_saved_tree
 
 
 # The keys a resumed run may change (`vlm train --resume … --set KEY=VALUE`, a resubmitted
@@ -27,6 +27,7 @@ RESUME_CHANGEABLE: tuple[str, ...] = (
     "model.grad_checkpointing",
     "data.train_shards", "data.eval_shards", "data.reader.mix.*.shards",
     "data.max_bad_sample_ratio", "data.bad_sample_window", "data.ingest", "data.score", "data.filter",
+    "data.loader_workers", "data.prefetch_batches",
     "eval", "metrics",
 )
 _ABSENT = "(absent)"
@@ -56,9 +57,9 @@ def _as_current(tree: dict) -> dict:
     """A saved config tree as this version dumps it (keys added since get their defaults);
     as saved when it no longer validates."""
     try:
-        return RunConfig.model_validate(tree).model_dump(mode="json")
+        return config_from_dict(tree).model_dump(mode="json")
     except ValidationError:
-        return drop_legacy_keys(tree)
+        return drop_legacy_keys(upgrade_saved_tree(tree))
 
 
 def config_changes(saved: dict, cfg: RunConfig,

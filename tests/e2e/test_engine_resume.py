@@ -39,6 +39,7 @@ def launch(run_dir: Path, data: Path, world: int, *sets: str, resume: str | None
     procs = []
     for rank in range(world):
         e = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": str(world),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         log = open(run_dir / f"rank{rank}.{time.monotonic_ns()}.out", "w")
         procs.append(subprocess.Popen(args, cwd=REPO, env=e, stdout=log, stderr=subprocess.STDOUT, text=True,
@@ -92,10 +93,24 @@ def uninterrupted(data):
     return d
 
 
-def test_sigkill_then_resume_follows_the_uninterrupted_trajectory_bitwise(data, uninterrupted):
+@pytest.fixture(scope="module")
+def uninterrupted_2_workers(data):
     root, shards, tok = data
-    d = new_run(root, "killed", tok)
-    procs = launch(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}")
+    d = new_run(root, "whole_2_workers", tok)
+    run(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "data.loader_workers=2")
+    return d
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_then_resume_follows_the_uninterrupted_trajectory_bitwise(data, request, workers):
+    """With the batches made in the training process and by 2 data workers per rank (each
+    rank's batches come from the workers in turn, and every worker resumes where the
+    batches the run took left it, not where its prefetching got to)."""
+    uninterrupted = request.getfixturevalue("uninterrupted_2_workers" if workers else "uninterrupted")
+    root, shards, tok = data
+    d = new_run(root, f"killed_{workers}_workers", tok)
+    sets = (f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", f"data.loader_workers={workers}")
+    procs = launch(d, shards, 2, *sets)
     latest = d / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not latest.is_file() and all(p.poll() is None for p in procs):
@@ -106,8 +121,9 @@ def test_sigkill_then_resume_follows_the_uninterrupted_trajectory_bitwise(data, 
     assert latest.is_file(), "no checkpoint before the deadline"
     assert max(losses(d)) < STEPS, "the run finished before it was killed: nothing was tested"
     saved = int(latest.read_text().removeprefix("step_"))
-    out = run(d, shards, 2, f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", resume="latest")
+    out = run(d, shards, 2, *sets, resume="latest")
     assert "resumed from" in out and f"at step {saved}" in out
+    assert f"data: {workers} loader worker(s) per rank" in out
     whole, again = losses(uninterrupted), losses(d)
     assert sorted(again) == list(range(1, STEPS + 1))
     for step in range(saved + 1, STEPS + 1):  # after the resume: the same floats

@@ -183,14 +183,13 @@ def test_64_px_shards_train_a_32_px_model_centre_cropped(tmp_path):
     _shard(tmp_path / "s", samples)
     reader = ShardReader(list_shards(str(tmp_path / "s")), shuffle_block=1)
     batch = BatchLoader(reader, _text(), batch_size=4, image_size=32).next_batch()
-    images = batch["images"]
-    assert images.shape == (4, 3, 32, 32)
-    rgb = (images + 1) * 127.5
+    rgb = batch["images"].permute(0, 3, 1, 2).float()  # the loader's uint8 [B, S, S, 3]
+    assert rgb.shape == (4, 3, 32, 32)
     assert rgb[:, 1].min() > 200  # green everywhere: the centre square, not the side bands
     assert rgb[:, 0].mean() < 10 and rgb[:, 2].mean() < 10
 
     item = EvalItem(key="k1", captions=[], label=None, image=_stripes(96, 64))
-    evaluated = (load_image(item, 32) + 1) * 127.5
+    evaluated = load_image(item, 32).permute(2, 0, 1).float()
     assert evaluated.shape == (3, 32, 32) and evaluated[1].min() > 200 and evaluated[0].mean() < 10
 
 
@@ -201,7 +200,7 @@ def test_shards_at_the_model_size_are_used_as_they_are(tmp_path):
     _shard(tmp_path / "s", [{"__key__": "k0", "png": buf.getvalue(), "txt": "a red circle", "json": {}}])
     reader = ShardReader(list_shards(str(tmp_path / "s")), shuffle_block=1)
     images = BatchLoader(reader, _text(), batch_size=1, image_size=32).next_batch()["images"]
-    assert np.array_equal(((images[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), pixels)
+    assert np.array_equal(images[0].numpy(), pixels)
 
 
 def test_a_caption_that_is_not_utf8_is_a_bad_sample_naming_shard_and_key(tmp_path, capsys):

@@ -25,7 +25,8 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.T
 
 
 def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """images [B, 3, S, S] in [-1, 1] -> one augmented view, same shape and range."""
+    """images [B, 3, S, S] in [0, 1] (before normalisation) -> one augmented view, same
+    shape and range. cfg.brightness is a share of the range's half-width."""
     b = images.shape[0]
     area = _uniform(b, *cfg.crop_scale, generator)
     log_ratio = _uniform(b, math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1]), generator)
@@ -41,10 +42,10 @@ def augment(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    bright = _uniform(b, -cfg.brightness, cfg.brightness, generator).to(images).view(b, 1, 1, 1)
+    bright = 0.5 * _uniform(b, -cfg.brightness, cfg.brightness, generator).to(images).view(b, 1, 1, 1)
     contrast = _uniform(b, 1 - cfg.contrast, 1 + cfg.contrast, generator).to(images).view(b, 1, 1, 1)
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
-    return ((out - mean) * contrast + mean + bright).clamp(-1, 1)
+    return ((out - mean) * contrast + mean + bright).clamp(0, 1)
 
 
 def two_views(images: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:

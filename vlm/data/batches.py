@@ -1,7 +1,9 @@
 """Turns raw shard samples into model batches (decode, normalise, tokenise)."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import random
 import time
 from collections import Counter, deque
 from typing import Callable, Iterator
@@ -14,8 +16,9 @@ from data_pipeline.config import MAX_PIXELS
 from data_pipeline.ingest.codec import Rejected, open_image
 from data_pipeline.shards.format import IMAGE_EXTS
 from data_pipeline.shards.reader import ShardReader
-from vlm.data.augment import AugmentConfig, colour_augment, two_views
-from vlm.config import ColourAugmentConfig
+from vlm.config import ColourAugmentConfig, CropConfig
+from vlm.data.augment import colour_augment
+from vlm.data.pixels import CLIP_MEAN, CLIP_STD, draft, fit_square, image_tensor, to_uint8_hwc, train_crop
 from vlm.data.tokenizer import TextEncoder
 
 WARN_LIMIT = 100  # bad samples a loader names one by one; the rest are only counted
@@ -37,14 +40,18 @@ def _where(sample: dict) -> str:
     return f"sample {sample.get('__key__')} in {sample.get('__shard__')}"
 
 
-def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS,
+             prepare: Callable[[Image.Image], Image.Image] | None = None) -> Image.Image:
     """The sample's image decoded to RGB, at most `max_pixels` pixels (read from the header
-    before decoding, data_pipeline.ingest.codec.open_image). Raises BadSample."""
+    before decoding, data_pipeline.ingest.codec.open_image); `prepare` sees the image opened
+    but not decoded (e.g. vlm.data.pixels.draft). Raises BadSample."""
     data = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     if data is None:
         raise BadSample("no_image", f"{_where(sample)} has no image")
     try:
         img = open_image(data, max_pixels)
+        if prepare is not None:
+            img = prepare(img)
         img.load()  # the pixels, within the budget just checked
         return img.convert("RGB")
     except Rejected as e:
@@ -56,41 +63,21 @@ def load_rgb(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
                         f"({type(e).__name__}: {e})") from None
 
 
-def fit_square(img: Image.Image, size: int) -> Image.Image:
-    """`img` at `size` x `size`: the centre square of the image (its shorter side) resized
-    with bicubic filtering, so shards of any size or shape feed a model without squashing
-    a non-square picture. A square image is simply resized; one already at `size` is kept."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    return img.resize((size, size), Image.BICUBIC, box=None if w == h else centre_square(w, h))
-
-
-def centre_square(width: int, height: int) -> tuple[float, float, float, float]:
-    """The (left, top, right, bottom) box of the centre square of a width x height image."""
-    side = min(width, height)
-    return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
-
-
-def to_tensor(img: Image.Image, image_size: int,
-              transform: Callable[[Image.Image], Image.Image] | None = None) -> torch.Tensor:
-    """RGB image -> [3, S, S] float in [-1, 1] (fit_square); `transform` (e.g. the colour
-    augmentation's) is applied before resizing."""
-    if transform is not None:
-        img = transform(img)
-    img = fit_square(img, image_size)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
-    return arr / 127.5 - 1.0
-
-
 def decode_image(sample: dict, image_size: int,
                  transform: Callable[[Image.Image], Image.Image] | None = None, *,
-                 max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1] (load_rgb then to_tensor); raises BadSample."""
-    return to_tensor(load_rgb(sample, max_pixels=max_pixels), image_size, transform)
+                 max_pixels: int = MAX_PIXELS, mean: tuple[float, ...] = CLIP_MEAN,
+                 std: tuple[float, ...] = CLIP_STD) -> torch.Tensor:
+    """-> [3, S, S] float normalised with `mean`/`std` through the evaluation transform
+    (vlm.data.pixels.fit_square); `transform` (e.g. the colour augmentation's) is applied
+    first. Raises BadSample."""
+    img = load_rgb(sample, max_pixels=max_pixels)
+    if transform is not None:
+        img = transform(img)
+    return image_tensor(fit_square(img, image_size), mean, std)
 
 
-def check_sample(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def check_sample(sample: dict, *, max_pixels: int = MAX_PIXELS,
+                 prepare: Callable[[Image.Image], Image.Image] | None = None) -> Image.Image:
     """What a training sample needs: metadata and a caption that decoded, a caption, an image
     within the pixel budget. -> its RGB image; raises BadSample."""
     if "__bad__" in sample:  # set by the shard reader
@@ -98,7 +85,7 @@ def check_sample(sample: dict, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise BadSample(reason, f"{_where(sample)}: {detail}")
     if "txt" not in sample:
         raise BadSample("no_caption", f"{_where(sample)} has no caption (txt)")
-    return load_rgb(sample, max_pixels=max_pixels)
+    return load_rgb(sample, max_pixels=max_pixels, prepare=prepare)
 
 
 NO_LABEL = -1
@@ -161,16 +148,20 @@ def region_fields(samples: list[dict], text: TextEncoder) -> dict[str, torch.Ten
 
 
 class BatchLoader:
-    """Yields {"images": [B,3,S,S], "tokens": [B,L], "eot_index": [B], "labels": [B]} and,
-    when `views` is set, "views": [2B,3,S,S] (two augmentations of each image); resumable.
+    """One reader slot's batches, made on the CPU (in a data worker process, vlm.data.loader):
+    {"images": [B, S, S, 3] uint8, "tokens": [B, L], "eot_index": [B], "labels": [B]}.
     `needs` (the union of the objectives' needs) adds fields only when asked for:
     "image_ids" [B] (see image_id) and, for "regions", the box and phrase fields of
     region_fields. Other names in `needs` (model outputs) are not batch fields and are ignored.
+    Normalisation and the two views of image–image objectives are left to the device
+    (vlm.data.loader.TrainLoader).
 
-    `colour` (data.colour_augment) shows a share of the samples in greyscale, renaming the
-    colour words of their caption, label and region phrases (vlm.data.augment).
-    The views' and the colour augmentation's randomness is seeded from (seed, rank, batch
-    number), so a resumed run draws the same augmentations without storing generator state.
+    Each image goes through the training transform (vlm.data.pixels.train_crop: a random
+    resized crop of `crop`), or the evaluation one when `crop` is None. `colour`
+    (data.colour_augment) shows a share of the samples in greyscale, renaming the colour
+    words of their caption, label and region phrases (vlm.data.augment). The randomness is
+    seeded from (seed, slot, batch number), so a resumed run draws the same crops without
+    storing generator state.
 
     A bad sample (check_sample: no image, an undecodable one, one over `max_pixels`, no or
     an undecodable caption or metadata) is skipped, counted by reason (`bad_counts`, and
@@ -179,12 +170,12 @@ class BatchLoader:
     being bad raises BadDataError naming the shards: the data is broken, not a few samples."""
 
     def __init__(self, reader: ShardReader, text: TextEncoder, *, batch_size: int, image_size: int,
-                 label_field: str | None = None, views: AugmentConfig | None = None, seed: int = 0,
-                 needs: frozenset[str] = frozenset(), colour: ColourAugmentConfig | None = None,
+                 label_field: str | None = None, seed: int = 0, needs: frozenset[str] = frozenset(),
+                 colour: ColourAugmentConfig | None = None, crop: CropConfig | None = None,
                  max_pixels: int = MAX_PIXELS, max_bad_ratio: float = 0.5, bad_window: int = 1000):
         self.reader, self.text = reader, text
         self.batch_size, self.image_size = batch_size, image_size
-        self.label_field, self.views, self.seed = label_field, views, seed
+        self.label_field, self.seed, self.crop = label_field, seed, crop
         self.colour = colour if colour is not None and colour.enabled else None
         self.needs = frozenset(needs)
         self.max_pixels, self.max_bad_ratio, self.bad_window = max_pixels, max_bad_ratio, bad_window
@@ -195,6 +186,11 @@ class BatchLoader:
         self.last_bad: Counter[str] = Counter()    # in the last next_batch
         self._recent: deque[str | None] = deque(maxlen=bad_window)  # shard of each bad read, None if good
         self._warned = 0
+        min_share = crop.scale[0] if crop is not None else 1.0
+        self._draft = functools.partial(draft, size=image_size, min_share=min_share)
+
+    def _seed(self, stream: int) -> int:
+        return hash((self.seed, self.reader.rank, self.reader.worker, self.batches, stream)) & 0xFFFF_FFFF
 
     def _skip(self, sample: dict, bad: BadSample) -> None:
         self.bad_counts[bad.reason] += 1
@@ -222,13 +218,25 @@ class BatchLoader:
         while len(samples) < self.batch_size:
             sample = next(self._it)
             try:
-                images.append(check_sample(sample, max_pixels=self.max_pixels))
+                images.append(check_sample(sample, max_pixels=self.max_pixels, prepare=self._draft))
             except BadSample as bad:
                 self._skip(sample, bad)
                 continue
             self._recent.append(None)
             samples.append(sample)
         return samples, images
+
+    def _pixels(self, pictures: list[Image.Image], transforms: list) -> torch.Tensor:
+        """The batch's images through the training (or evaluation) transform -> [B, S, S, 3] uint8."""
+        rng = random.Random(self._seed(2))
+        out = torch.empty(len(pictures), self.image_size, self.image_size, 3, dtype=torch.uint8)
+        for i, (img, transform) in enumerate(zip(pictures, transforms)):
+            if transform is not None:
+                img = transform(img)
+            img = (fit_square(img, self.image_size) if self.crop is None
+                   else train_crop(img, self.image_size, self.crop.scale, self.crop.ratio, rng))
+            out[i] = to_uint8_hwc(img)
+        return out
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
@@ -238,21 +246,17 @@ class BatchLoader:
         samples, pictures = self._good_samples()
         transforms = [None] * len(samples)
         if self.colour is not None:
-            g = torch.Generator().manual_seed(hash((self.seed, self.reader.rank, self.batches, 1)) & 0xFFFF_FFFF)
+            g = torch.Generator().manual_seed(self._seed(1))
             for i, draw in enumerate(torch.rand(len(samples), generator=g).tolist()):
                 samples[i], transforms[i] = colour_augment(samples[i], self.colour, draw, self.label_field)
-        images = torch.stack([to_tensor(p, self.image_size, t) for p, t in zip(pictures, transforms)])
         tokens, eot = self.text([s.get("txt", "") for s in samples])
-        batch = {"images": images, "tokens": tokens, "eot_index": eot}
+        batch = {"images": self._pixels(pictures, transforms), "tokens": tokens, "eot_index": eot}
         if self.label_field:
             batch["labels"] = torch.tensor([label_id(s.get("json", {}).get(self.label_field)) for s in samples])
         if "image_ids" in self.needs:
             batch["image_ids"] = torch.tensor([image_id(s) for s in samples])
         if "regions" in self.needs:
             batch.update(region_fields(samples, self.text))
-        if self.views is not None:
-            g = torch.Generator().manual_seed(hash((self.seed, self.reader.rank, self.batches)) & 0xFFFF_FFFF)
-            batch["views"] = two_views(images, self.views, g)
         self.batches += 1
         self.last_wait_s = time.perf_counter() - t0
         return batch
@@ -277,14 +281,15 @@ class BatchLoader:
         self._it = None
 
     def load_rank_states(self, states: list[dict]) -> None:
-        """Every rank's state of a run saved at another world size (the reader re-splits
-        what is left of the epoch; the bad-sample counts carry over, summed, the window
-        starts empty)."""
+        """Every slot's state of a run saved at another world size or worker count (the
+        reader re-splits what is left of the epoch; the bad-sample counts carry over,
+        summed into the first slot's, the window starts empty)."""
         self.reader.load_rank_states(states)
         self.batches = max(s.get("batches", 0) for s in states)
         total: Counter[str] = Counter()
         for s in states:
             total.update(s.get("bad_samples", {}))
-        self.bad_counts = total if self.reader.rank == 0 else Counter()
+        first_slot = self.reader.rank == 0 and self.reader.worker == 0
+        self.bad_counts = total if first_slot else Counter()
         self._recent = deque(maxlen=self.bad_window)
         self._it = None

@@ -33,11 +33,13 @@ class CheckpointClipScorer:
         import torch
 
         from vlm.data.batches import decode_image
+        from vlm.data.pixels import tower_norm
 
         if self._loaded is None:
             self._load()
         model, text, size, device = self._loaded
-        images = torch.stack([decode_image(s, size) for s in samples]).to(device)
+        mean, std = tower_norm(model.visual)
+        images = torch.stack([decode_image(s, size, mean=mean, std=std) for s in samples]).to(device)
         tokens, eot = text([s.get("txt") or "" for s in samples])
         with torch.no_grad():
             sim = (model.encode_image(images) * model.encode_text(tokens.to(device), eot.to(device))).sum(-1)

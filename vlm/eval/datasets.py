@@ -35,7 +35,8 @@ from PIL import Image
 from data_pipeline.ingest.codec import Rejected, open_image
 from data_pipeline.shards.format import IMAGE_EXTS, IMAGE_SUFFIXES
 from data_pipeline.shards.samples import iter_tar_samples, list_shards
-from vlm.data.batches import MAX_PIXELS, centre_square, fit_square
+from vlm.data.batches import MAX_PIXELS
+from vlm.data.pixels import centre_square, fit_square, to_uint8_hwc
 
 MASK_SUFFIX = ".mask.png"
 CLASSNAMES_FILE = "classnames.txt"
@@ -210,10 +211,9 @@ def _open(item: EvalItem, source: bytes | Path, what: str, max_pixels: int) -> I
 
 
 def load_image(item: EvalItem, image_size: int, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """-> [3, S, S] float in [-1, 1], as the training data (vlm.data.batches.decode_image: centre
-    square, resized)."""
-    img = fit_square(_open(item, item.image, "image", max_pixels).convert("RGB"), image_size)
-    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+    """-> [S, S, 3] uint8 through the evaluation transform (vlm.data.pixels.fit_square: resized,
+    centre-cropped); vlm.data.pixels.normalise makes a batch of them the model's input."""
+    return to_uint8_hwc(fit_square(_open(item, item.image, "image", max_pixels).convert("RGB"), image_size))
 
 
 def load_mask(item: EvalItem, *, max_pixels: int = MAX_PIXELS) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from vlm.config import EvalConfig
 from vlm.data.tokenizer import TextEncoder
 from vlm.distributed import gather_objects
+from vlm.data.pixels import normalise, tower_norm
 from vlm.eval.datasets import EvalItem, iter_items, load_image, load_mask
 from vlm.eval.dense import confusion, patch_features, predict_mask
 from vlm.models.clip import CLIP
@@ -29,7 +30,7 @@ def embed_share(model: CLIP, text: TextEncoder, data: str, indices: list[int], *
 
     def flush():
         nonlocal conf
-        images = torch.stack([load_image(item, image_size) for item in batch])
+        images = normalise(torch.stack([load_image(item, image_size) for item in batch]), *tower_norm(model.visual))
         visual = model.visual(images)
         out["image"].append(F.normalize(visual["embed"], dim=-1))
         out["pooled"].append(visual["pooled"])

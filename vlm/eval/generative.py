@@ -28,6 +28,7 @@ from vlm.checkpoint.resolve import resolve_verified
 from vlm.checkpoint.safeload import load_trainer_state
 from vlm.config import RunConfig, config_from_dict
 from vlm.data.batches import decode_image
+from vlm.data.pixels import CLIP_MEAN, CLIP_STD
 from vlm.eval.generate import caption
 from vlm.models.registry import build_model
 from vlm.objectives.registry import build_objective
@@ -76,8 +77,9 @@ def objective(pretrainer: Pretrainer, name: str):
     return found[0]
 
 
-def read_samples(data: str, *, image_size: int, label_template: str, limit: int | None = None) -> list[Sample]:
-    """The first `limit` samples of a shard directory, in order."""
+def read_samples(data: str, *, image_size: int, label_template: str, limit: int | None = None,
+                 mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> list[Sample]:
+    """The first `limit` samples of a shard directory, in order, images normalised with `mean`/`std`."""
     from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
     shards = list_shards(data)
@@ -91,7 +93,7 @@ def read_samples(data: str, *, image_size: int, label_template: str, limit: int 
                 label = label_template.format(**meta)
             except (KeyError, IndexError):
                 label = None
-            out.append(Sample(key=s["__key__"], image=decode_image(s, image_size), caption=s.get("txt", ""),
+            out.append(Sample(key=s["__key__"], image=decode_image(s, image_size, mean=mean, std=std), caption=s.get("txt", ""),
                               label=label, regions=meta.get("regions") or []))
             if limit and len(out) >= limit:
                 return out
@@ -117,7 +119,9 @@ def generated_samples(cfg: RunConfig, source: ImageSource, count: int) -> list[S
                            cfg.data.ingest.resize_mode)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        out.append(Sample(key=record["key"], image=decode_image({"png": buf.getvalue()}, size),
+        image = decode_image({"png": buf.getvalue()}, size, mean=cfg.model.vision.image_mean,
+                             std=cfg.model.vision.image_std)
+        out.append(Sample(key=record["key"], image=image,
                           caption=record["caption"], label=record["label"], regions=record["regions"]))
     return out
 
@@ -250,7 +254,8 @@ def evaluate_generative(path: str, *, data: str | None = None, tasks: list[str] 
         samples = generated_samples(cfg, source, limit or GENERATED_COUNT)
     else:
         samples = read_samples(data, image_size=cfg.model.vision.image_size,
-                               label_template=cfg.eval.label_template, limit=limit)
+                               label_template=cfg.eval.label_template, limit=limit,
+                               mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std)
     torch.manual_seed(0)
     results: dict = {"checkpoint": str(ckpt), "data": data}
     if "caption" in tasks:

@@ -22,9 +22,15 @@ class VisionConfig(Strict):
     heads: int = Field(4, gt=0, description="ViT attention heads, or the ResNet's attention-pool heads")
     mlp_ratio: float = Field(2.0, gt=0, description="ViT only")
     layers: tuple[int, int, int, int] = Field((3, 4, 6, 3), description="ResNet only: bottlenecks per stage")
+    # the input's normalisation, per channel of the [0, 1] scale (vlm.data.pixels.normalise);
+    # CLIP's by default, as OpenCLIP and Hugging Face CLIP weights expect
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = Field((0.26862954, 0.26130258, 0.27577711))
 
     @model_validator(mode="after")
     def _shape_fits(self) -> VisionConfig:
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std {list(self.image_std)} must be positive")
         if self.type == "vit" and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.type == "resnet" and self.image_size % 32:

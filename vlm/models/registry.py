@@ -26,6 +26,14 @@ CLIP_VOCAB_SIZE = 49408
 
 
 def build_vision(cfg: ModelConfig) -> nn.Module:
+    """The image tower; its `image_mean`/`image_std` attributes are the normalisation its
+    inputs need (model.vision; read by evaluation, vlm.data.pixels.tower_norm)."""
+    tower = _vision_tower(cfg)
+    tower.image_mean, tower.image_std = tuple(cfg.vision.image_mean), tuple(cfg.vision.image_std)
+    return tower
+
+
+def _vision_tower(cfg: ModelConfig) -> nn.Module:
     v = cfg.vision
     if v.type == "resnet":
         return ModifiedResNet(image_size=v.image_size, layers=v.layers, width=v.width, heads=v.heads,

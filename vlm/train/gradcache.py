@@ -71,6 +71,10 @@ def _coupled_gradients(module: Pretrainer, whole: dict, whole_batch: dict) -> tu
     return grads, param_grads, coupled
 
 
+def _detached(v):
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
 def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddings: bool = False) -> dict:
     """Accumulates one optimizer step's gradients over `batches` (this rank's micro-batches,
     already on the engine's device) with the gradient cache. Calls engine.step() after every
@@ -95,9 +99,10 @@ def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddin
     # 2. the coupled losses on the global batch and their gradient w.r.t. the embeddings
     # and the objectives' own parameters
     grads, param_grads, coupled = _coupled_gradients(module, whole, whole_batch)
-    record = {k: float(v.detach()) for k, v in coupled.items() if v is not None and "/" not in k and k != "loss"}
-    diagnostics = {k: float(v) for k, v in coupled.items() if "/" in k}
-    total = float(coupled["loss"].detach())
+    # values stay tensors (on the device): reading them would wait for it; the trainer reads when it logs
+    record = {k: v.detach() for k, v in coupled.items() if v is not None and "/" not in k and k != "loss"}
+    diagnostics = {k: _detached(v) for k, v in coupled.items() if "/" in k}
+    total = coupled["loss"].detach()
 
     # 3. replay each micro-batch with gradients and its cached gradient
     replayed, per_sample = [], {}
@@ -112,14 +117,14 @@ def cached_step(engine, batches: list[dict[str, torch.Tensor]], *, keep_embeddin
             replayed.append({k: v.detach() for k, v in out.pop("_outputs").items()})
         part = out.pop("_per_sample_total")
         if part is not None:
-            total += float(part) / n
+            total = total + _detached(part) / n
         for k, v in out.items():
             if k == "loss" or v is None:
                 continue
             if "/" in k:
-                diagnostics[k] = float(v)
+                diagnostics[k] = _detached(v)
             else:
-                per_sample[k] = per_sample.get(k, 0.0) + float(v.detach()) / n
+                per_sample[k] = per_sample.get(k, 0.0) + v.detach() / n
         engine.backward(out["loss"])
         if i < n - 1:
             engine.step()

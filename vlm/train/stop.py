@@ -11,6 +11,7 @@ from collections.abc import Callable
 # exit status when a second signal, or the end of train.stop_grace_s, ends a run before its
 # save (docs/checkpoints.md, "Stopping and restarts"); a clean stop exits with 128 + signum
 FORCED_EXIT = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def watch_grace(wakeup: int, done: threading.Event, grace: float, rank: int) -> None:
@@ -23,7 +24,9 @@ def watch_grace(wakeup: int, done: threading.Event, grace: float, rank: int) -> 
     try:
         while not done.is_set():
             if select.select([wakeup], [], [], 0.2)[0]:
-                received += os.read(wakeup, 64)
+                # the fd hears every signal with a Python handler (SIGCHLD from the data
+                # workers too): only the stop signals count
+                received += bytes(b for b in os.read(wakeup, 64) if b in STOP_SIGNALS)
             if received and deadline is None:
                 deadline = time.monotonic() + grace
             late = deadline is not None and time.monotonic() > deadline
@@ -49,7 +52,7 @@ class StopSignals:
 
     def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGTERM, signal.SIGINT)}
+            self.previous = {s: signal.signal(s, self.handler) for s in STOP_SIGNALS}
             self.pipe = os.pipe()
             os.set_blocking(self.pipe[1], False)
             self.old_wakeup = signal.set_wakeup_fd(self.pipe[1], warn_on_full_buffer=False)

@@ -4,6 +4,7 @@ Runs under plain torch.distributed (a launcher has already created the process g
 there is none and we start a 1-process gloo group). Ray lives in cluster/, never here."""
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -19,11 +20,13 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.shards.reader import build_reader
+from data_pipeline.shards.samples import list_shards
 from vlm.checkpoint import discover, layout, resolve, rng, safeload, store
 from vlm.train import gradcache
 from vlm.config import RunConfig, dump_config
 from vlm.config_changes import check_resume_config
 from vlm.data.batches import BadDataError, BatchLoader
+from vlm.data.loader import TrainLoader, default_workers
 from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
 from vlm.observe.metrics import TrainMetrics
 from vlm.train.deepspeed_config import deepspeed_config
@@ -117,17 +120,27 @@ class Trainer:
         tokenizer_json = tok_path.read_text()
         return tokenizer_json, TextEncoder.from_json(tokenizer_json, self.cfg.model.text.context_length)
 
-    def _build_loader(self, model: Pretrainer) -> BatchLoader:
-        """This rank's share of the training shards, as the micro-batches `model` needs."""
+    def _build_loader(self, model: Pretrainer) -> TrainLoader:
+        """This rank's share of the training shards, as the micro-batches `model` needs, made
+        by data.loader_workers processes (vlm.data.loader)."""
         cfg = self.cfg
-        reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=self.rank,
-                              world_size=self.world_size, seed=cfg.train.seed, expand=cfg.path)
-        return BatchLoader(reader, self.text, batch_size=cfg.train.micro_batch_size,
-                           image_size=cfg.model.vision.image_size, label_field=cfg.data.label_field,
-                           views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,
-                           needs=model.needs, colour=cfg.data.colour_augment,
-                           max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
-                           bad_window=cfg.data.bad_sample_window)
+        workers = cfg.data.loader_workers if cfg.data.loader_workers is not None else self._auto_workers()
+        make = functools.partial(make_batches, cfg, self.text, model.needs, self.rank, self.world_size)
+        self._say(f"data: {workers} loader worker(s) per rank" + (" (in the training process)" if not workers else ""))
+        return TrainLoader(make, num_workers=workers, device=self.engine.device, mean=cfg.model.vision.image_mean,
+                           std=cfg.model.vision.image_std, views=cfg.data.augment if model.needs_views else None,
+                           seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
+                           prefetch=cfg.data.prefetch_batches)
+
+    def _auto_workers(self) -> int:
+        """data.loader_workers unset: default_workers(), but no more slots than the shards
+        can fill (the reader refuses a slot without a shard, unless it resamples)."""
+        cfg, workers = self.cfg, default_workers()
+        if cfg.data.reader.resample:
+            return workers
+        paths = [cfg.path(m.shards) for m in cfg.data.reader.mix] or [cfg.path(cfg.data.train_shards)]
+        fewest = min(len(list_shards(p)) for p in paths)
+        return min(workers, fewest // self.world_size)
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -177,12 +190,10 @@ class Trainer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load {ckpt}")
         ranks = state["ranks"]
+        self.loader.load_rank_states([r["reader"] for r in ranks])  # exact, or re-split at a new layout
         if state["world_size"] == self.world_size:
-            mine = ranks[self.rank]
-            self.loader.load_state_dict(mine["reader"])
-            rng.set_rng_state(mine["rng"])
+            rng.set_rng_state(ranks[self.rank]["rng"])
         else:
-            self.loader.load_rank_states([r["reader"] for r in ranks])
             seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s)); "
@@ -204,19 +215,17 @@ class Trainer:
         print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
         return metrics
 
-    def _device(self, batch: dict) -> dict:
-        return {k: v.to(self.engine.device) for k, v in batch.items()}
-
     def train_step(self) -> dict:
         """One optimizer step (self.accum micro-batches per rank); returns what to record.
         Losses are the step's: averaged over micro-batches (with the gradient cache, the
-        coupled ones are computed once on the global batch)."""
+        coupled ones are computed once on the global batch), kept as tensors on the device:
+        nothing here waits for the device (record reads them on the steps it logs)."""
         t0 = time.perf_counter()
         wait, skipped_before, bad = 0.0, self.engine.skipped_steps, Counter()
         if self.cfg.train.grad_cache:
             batches = []
             for _ in range(self.accum):
-                batches.append(self._device(self.loader.next_batch()))
+                batches.append(self.loader.next_batch())
                 wait += self.loader.last_wait_s
                 bad.update(self.loader.last_bad)
             r = gradcache.cached_step(self.engine, batches)
@@ -228,28 +237,35 @@ class Trainer:
                 batch = self.loader.next_batch()
                 wait += self.loader.last_wait_s
                 bad.update(self.loader.last_bad)
-                out = self.engine(self._device(batch))
+                out = self.engine(batch)
                 self.engine.backward(out["loss"])
                 self.engine.step()
                 for k, v in out.items():
                     if "/" in k:
-                        diagnostics[k] = float(v)
+                        diagnostics[k] = v.detach() if isinstance(v, torch.Tensor) else v
                     else:
                         name = "total" if k == "loss" else k
-                        losses[name] = losses.get(name, 0.0) + float(v.detach()) / self.accum
+                        losses[name] = losses.get(name, 0.0) + v.detach() / self.accum
         self.step += 1
         self.samples_seen += self.global_batch
-        grad_norm = self.engine.get_global_grad_norm()
         return {"losses": losses, "diagnostics": diagnostics,
                 "step_s": time.perf_counter() - t0, "wait_s": wait, "lr": self.engine.get_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "grad_norm": self.engine.get_global_grad_norm(),
                 "skipped": self.engine.skipped_steps > skipped_before, "bad_samples": dict(bad)}
 
     def record(self, r: dict, log) -> None:
+        """Exports the step's metrics; on the steps train.log_every picks (and the last) also
+        reads its losses from the device, exports and logs them."""
+        last = self.step == self.cfg.train.steps
+        logged = self.step % self.cfg.train.log_every == 0 or last
+        if logged:
+            r = {**r, "losses": _floats(r["losses"]), "diagnostics": _floats(r["diagnostics"]),
+                 "grad_norm": None if r["grad_norm"] is None else float(r["grad_norm"])}
+        else:
+            r = {**r, "losses": {}, "diagnostics": {}, "grad_norm": None}
         if self.metrics:
             self.metrics.record_step(step=self.step, samples=self.global_batch / self.world_size, **r)
-        last = self.step == self.cfg.train.steps
-        if not (self.step % self.cfg.train.log_every == 0 or last):
+        if not logged:
             return
         # collective: every rank logs on the same steps
         bad = bad_sample_totals(self.loader.bad_counts, self.world_size)
@@ -338,6 +354,7 @@ class Trainer:
             if last_saved != self.step:
                 self.save()
         finally:
+            self.loader.close()
             signals.release()
             if log:
                 log.close()
@@ -345,6 +362,22 @@ class Trainer:
                 self.metrics.close()
         return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
                 "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
+
+
+def make_batches(cfg: RunConfig, text: TextEncoder, needs: frozenset[str], rank: int, world_size: int,
+                 worker: int, num_workers: int) -> BatchLoader:
+    """The BatchLoader of reader slot (rank, worker) of a run (vlm.data.loader.MakeBatches)."""
+    reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=rank, world_size=world_size,
+                          seed=cfg.train.seed, worker=worker, num_workers=num_workers, expand=cfg.path)
+    return BatchLoader(reader, text, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vision.image_size,
+                       label_field=cfg.data.label_field, seed=cfg.train.seed, needs=needs,
+                       colour=cfg.data.colour_augment, crop=cfg.data.train_crop,
+                       max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
+                       bad_window=cfg.data.bad_sample_window)
+
+
+def _floats(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items()}
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None,

@@ -16,7 +16,8 @@ from data_pipeline.shards.reader import ShardReader
 from data_pipeline.shards.samples import list_shards
 from demo.corpus import COLOURS, render_image, word_synonyms
 from vlm.data.augment import colour_augment, rename_colours
-from vlm.config import COLOUR_WORDS, ColourAugmentConfig, load_config
+from vlm.config import load_config
+from vlm.data.config import COLOUR_WORDS, ColourAugmentConfig
 from vlm.data.batches import BatchLoader, decode_image, image_id, label_id
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
 

@@ -17,12 +17,13 @@ from PIL import Image
 from data_pipeline.shards.reader import ShardReader
 from data_pipeline.shards.samples import list_shards
 from support.badshards import truncated_jpeg
-from vlm.config import AugmentConfig, load_config
+from vlm.config import load_config
+from vlm.data.config import AugmentConfig
 from vlm.data.batches import BadDataError, BatchLoader, label_id
 from vlm.data.loader import TrainLoader
 from vlm.data.pixels import CLIP_MEAN, CLIP_STD, normalise
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
-from vlm.train.trainer import make_batches
+from vlm.train.loading import make_batches
 
 N, PER_SHARD, BATCH = 96, 8, 8
 IDS = {label_id(f"{i:064d}"): i for i in range(N)}  # image_id of sample i (its sha256 field)

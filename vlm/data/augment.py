@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm.config import AugmentConfig, ColourAugmentConfig
+from vlm.data.config import AugmentConfig, ColourAugmentConfig
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from data_pipeline.config import MAX_PIXELS
 from data_pipeline.ingest.codec import Rejected, open_image
 from data_pipeline.shards.format import IMAGE_EXTS
 from data_pipeline.shards.reader import ShardReader
-from vlm.config import ColourAugmentConfig, CropConfig
+from vlm.data.config import ColourAugmentConfig, CropConfig
 from vlm.data.augment import colour_augment
 from vlm.data.pixels import CLIP_MEAN, CLIP_STD, draft, fit_square, image_tensor, to_uint8_hwc, train_crop
 from vlm.data.tokenizer import TextEncoder

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlm.config import AugmentConfig
+from vlm.data.config import AugmentConfig
 from vlm.data.augment import two_views
 from vlm.data.batches import BadDataError, BatchLoader
 from vlm.data.pixels import normalise, unit_range

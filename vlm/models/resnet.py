@@ -103,7 +103,7 @@ class ModifiedResNet(nn.Module):
           "tokens": [B, (S/32)**2, C] the final feature map as tokens."""
         if keep_index is not None:
             raise ValueError("the ResNet image tower cannot drop patches (keep_index); use a ViT")
-        x = self.stem(images)
+        x = self.stem(images.to(next(self.stem.parameters()).dtype))  # float32 input, maybe bf16 weights
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # Batch-norm running statistics are updated again in the recomputation.

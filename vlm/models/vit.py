@@ -43,7 +43,8 @@ class VisionTransformer(nn.Module):
           "tokens": [B, P, W] patch tokens after ln_post, or [B, K, W] in keep_index order.
         Dropped patches never enter the transformer (MAE); each kept patch carries the
         positional embedding of its original position."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
+        # the loader normalises in float32; the weights may be bf16 (DeepSpeed's precision)
+        x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B, P, W]
         if patch_mask is not None:
             if mask_embed is None:
                 raise ValueError("patch_mask needs mask_embed, the embedding that replaces masked patches")

@@ -4,7 +4,6 @@ Runs under plain torch.distributed (a launcher has already created the process g
 there is none and we start a 1-process gloo group). Ray lives in cluster/, never here."""
 from __future__ import annotations
 
-import functools
 import os
 import random
 import signal
@@ -13,24 +12,23 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda" if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu")
-
 import numpy as np
 import torch
+
+# before deepspeed is imported (it picks its accelerator then): a GPU when torch sees one
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import torch.distributed as dist
 
-from data_pipeline.shards.reader import build_reader
-from data_pipeline.shards.samples import list_shards
 from vlm.checkpoint import discover, layout, resolve, rng, safeload, store
 from vlm.train import gradcache
 from vlm.config import RunConfig, dump_config
 from vlm.config_changes import check_resume_config
-from vlm.data.batches import BadDataError, BatchLoader
-from vlm.data.loader import TrainLoader, default_workers
+from vlm.data.batches import BadDataError
 from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
 from vlm.observe.metrics import TrainMetrics
 from vlm.train.deepspeed_config import deepspeed_config
-from vlm.train.module import Pretrainer, build_pretrainer
+from vlm.train.loading import build_loader
+from vlm.train.module import build_pretrainer
 from vlm.train.optim import build_optimizer
 from vlm.train.rendezvous import ensure_process_group
 from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, truncate_log, write_step
@@ -103,7 +101,10 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.world_size, self.on_gpu, load_universal=universal))
-        self.loader = self._build_loader(model)
+        self.loader = build_loader(cfg, self.text, model, rank=self.rank, world_size=self.world_size,
+                                   device=self.engine.device)
+        self._say(f"data: {self.loader.num_workers} loader worker(s) per rank"
+                  + (" (in the training process)" if not self.loader.num_workers else ""))
         self.step, self.samples_seen = 0, 0
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
@@ -119,28 +120,6 @@ class Trainer:
             raise FileNotFoundError(f"{tok_path} not found: train the tokenizer first (vlm demo does)")
         tokenizer_json = tok_path.read_text()
         return tokenizer_json, TextEncoder.from_json(tokenizer_json, self.cfg.model.text.context_length)
-
-    def _build_loader(self, model: Pretrainer) -> TrainLoader:
-        """This rank's share of the training shards, as the micro-batches `model` needs, made
-        by data.loader_workers processes (vlm.data.loader)."""
-        cfg = self.cfg
-        workers = cfg.data.loader_workers if cfg.data.loader_workers is not None else self._auto_workers()
-        make = functools.partial(make_batches, cfg, self.text, model.needs, self.rank, self.world_size)
-        self._say(f"data: {workers} loader worker(s) per rank" + (" (in the training process)" if not workers else ""))
-        return TrainLoader(make, num_workers=workers, device=self.engine.device, mean=cfg.model.vision.image_mean,
-                           std=cfg.model.vision.image_std, views=cfg.data.augment if model.needs_views else None,
-                           seed=cfg.train.seed, rank=self.rank, world_size=self.world_size,
-                           prefetch=cfg.data.prefetch_batches)
-
-    def _auto_workers(self) -> int:
-        """data.loader_workers unset: default_workers(), but no more slots than the shards
-        can fill (the reader refuses a slot without a shard, unless it resamples)."""
-        cfg, workers = self.cfg, default_workers()
-        if cfg.data.reader.resample:
-            return workers
-        paths = [cfg.path(m.shards) for m in cfg.data.reader.mix] or [cfg.path(cfg.data.train_shards)]
-        fewest = min(len(list_shards(p)) for p in paths)
-        return min(workers, fewest // self.world_size)
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -362,18 +341,6 @@ class Trainer:
                 self.metrics.close()
         return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
                 "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
-
-
-def make_batches(cfg: RunConfig, text: TextEncoder, needs: frozenset[str], rank: int, world_size: int,
-                 worker: int, num_workers: int) -> BatchLoader:
-    """The BatchLoader of reader slot (rank, worker) of a run (vlm.data.loader.MakeBatches)."""
-    reader = build_reader(cfg.data.reader, cfg.path(cfg.data.train_shards), rank=rank, world_size=world_size,
-                          seed=cfg.train.seed, worker=worker, num_workers=num_workers, expand=cfg.path)
-    return BatchLoader(reader, text, batch_size=cfg.train.micro_batch_size, image_size=cfg.model.vision.image_size,
-                       label_field=cfg.data.label_field, seed=cfg.train.seed, needs=needs,
-                       colour=cfg.data.colour_augment, crop=cfg.data.train_crop,
-                       max_pixels=cfg.data.ingest.max_pixels, max_bad_ratio=cfg.data.max_bad_sample_ratio,
-                       bad_window=cfg.data.bad_sample_window)
 
 
 def _floats(values: dict) -> dict[str, float]:

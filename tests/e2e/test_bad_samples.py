@@ -55,7 +55,7 @@ def test_loader_skips_and_counts_every_kind_of_bad_sample(shards, text, capsys):
     n_batches = 15  # 60 good samples: the 30-sample epoch twice and more
     ld = loader(shards, text)
     batches = [ld.next_batch() for _ in range(n_batches)]
-    assert all(b["images"].shape == (4, 3, 32, 32) for b in batches)
+    assert all(b["images"].shape == (4, 32, 32, 3) and b["images"].dtype == torch.uint8 for b in batches)
     # the same reader alone: which samples the loader must have consumed to find 60 good ones
     twin_reader = ShardReader(list_shards(str(shards)), seed=5, shuffle_block=8)
     twin, consumed, good = iter(twin_reader), [], 0

@@ -141,11 +141,11 @@ class TrainLoader:
         self.last_wait_s = time.perf_counter() - t0
         nb = self.device.type == "cuda"
         batch = {k: v.to(self.device, non_blocking=nb) for k, v in host.items()}
-        unit = unit_range(batch["images"])
-        batch["images"] = normalise(unit, self.mean, self.std)
-        if self.views is not None:
+        if self.views is not None:  # drawn on the [0, 1] scale, then normalised like the images
+            unit = unit_range(batch["images"])
             g = torch.Generator().manual_seed(hash((self.seed, self.rank, self.batches)) & 0xFFFF_FFFF)
             batch["views"] = normalise(two_views(unit, self.views, g), self.mean, self.std)
+        batch["images"] = normalise(batch["images"], self.mean, self.std)
         self.batches += 1
         return batch
 
@@ -163,14 +163,16 @@ class TrainLoader:
         return total
 
     def state_dict(self) -> dict:
-        """{"batches", "workers": every slot's BatchLoader state as of the last batch taken}.
+        """{"rank", "world_size", "batches", "num_workers", "workers": every slot's BatchLoader
+        state as of the last batch taken}.
         A slot that has not delivered a batch yet saves the state it started from."""
         missing = [w for w, s in enumerate(self.states) if s is None]
         if missing:
             start, all_states = self._resume
             fresh = {w: (start[w] if start is not None else self._fresh_state(w, all_states)) for w in missing}
             self.states = [s if s is not None else fresh[w] for w, s in enumerate(self.states)]
-        return {"batches": self.batches, "num_workers": self.num_workers, "workers": list(self.states)}
+        return {"rank": self.rank, "world_size": self.world_size, "batches": self.batches,
+                "num_workers": self.num_workers, "workers": list(self.states)}
 
     def _fresh_state(self, worker: int, all_states: list[dict] | None) -> dict:
         batches = self.make(worker, self.slots)

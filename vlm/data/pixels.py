@@ -100,7 +100,12 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...] = CLIP_MEAN, std: tu
     float [B, 3, H, W] normalised with `mean` and `std` (per channel, of the [0, 1] scale),
     on the tensor's device."""
     if images.dtype == torch.uint8:
-        images = images.permute(0, 3, 1, 2).to(dtype).div_(255.0)
+        # one contiguous float copy, then scale and shift in place: (x / 255 - m) / s
+        out = torch.empty(images.shape[0], 3, *images.shape[1:3], dtype=dtype, device=images.device)
+        out.copy_(images.permute(0, 3, 1, 2))
+        m = torch.tensor(mean, dtype=dtype, device=images.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=dtype, device=images.device).view(1, 3, 1, 1)
+        return out.mul_(1.0 / (255.0 * s)).sub_(m / s)
     m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - m) / s

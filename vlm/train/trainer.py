@@ -106,6 +106,7 @@ class Trainer:
         self._say(f"data: {self.loader.num_workers} loader worker(s) per rank"
                   + (" (in the training process)" if not self.loader.num_workers else ""))
         self.step, self.samples_seen = 0, 0
+        self._read_once = False  # record(): whether a step's losses were read yet
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
         elif self.rank == 0:
@@ -233,11 +234,12 @@ class Trainer:
                 "skipped": self.engine.skipped_steps > skipped_before, "bad_samples": dict(bad)}
 
     def record(self, r: dict, log) -> None:
-        """Exports the step's metrics; on the steps train.log_every picks (and the last) also
-        reads its losses from the device, exports and logs them."""
+        """Exports the step's metrics; on the steps train.log_every picks, the last and this
+        process's first, also reads its losses from the device, exports (and logs) them."""
         last = self.step == self.cfg.train.steps
         logged = self.step % self.cfg.train.log_every == 0 or last
-        if logged:
+        if logged or not self._read_once:  # the first step too: the loss gauge is never left unset
+            self._read_once = True
             r = {**r, "losses": _floats(r["losses"]), "diagnostics": _floats(r["diagnostics"]),
                  "grad_norm": None if r["grad_norm"] is None else float(r["grad_norm"])}
         else:

@@ -1,11 +1,14 @@
 """Exact duplicates across one ingest run (the run-wide registry, a shard's marking) and live progress.
 
-One Ray actor per run holds it. Shard tasks claim the content hashes of their
-successful samples in one call per shard; the first shard to claim a hash owns it,
-later ones get the owner's key back and drop their copy as ``duplicate``. A shard that
-claims again (a Ray retry of its task, ``--retry-failed``) sends its whole final set and
-takes its own entries over, so a retried attempt never loses to its earlier self. A
-restarted driver reloads the owners from the committed shards' status tables.
+One Ray actor per run holds it, created under a name after the first shard tasks are
+submitted (``RegistryRef``): an actor created first took one of the workers Ray starts
+with the node, and a shard task then waited ~1.5 s for a new one. Shard tasks claim the
+content hashes of their successful samples in one call per shard; the first shard to
+claim a hash owns it, later ones get the owner's key back and drop their copy as
+``duplicate``. A shard that claims again (a Ray retry of its task, ``--retry-failed``)
+sends its whole final set and takes its own entries over, so a retried attempt never
+loses to its earlier self. A restarted driver reloads the owners from the committed
+shards' status tables.
 
 Hashes are kept as 16-byte prefixes of the sha256 (collision odds ~2^-64 at 2^32 images).
 """
@@ -86,6 +89,29 @@ class ProgressReporter:
             self._last = now
             counts = (self.done, self.failed)
         _call(self.registry.progress, self.shard_id, *counts)
+
+
+class RegistryRef:
+    """A run's registry actor by name, for shard tasks submitted before it exists; a task
+    looks it up (``resolve``) when it starts, by which time the driver has created it."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def resolve(self, timeout_s: float = 600.0):
+        """The actor handle; waits up to ``timeout_s`` for the driver to create it (it
+        reads the table's next shards before that, which on an object store can be slow)."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get_actor(self.name)
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"ingest: the run's registry actor {self.name!r} never appeared "
+                                       f"(did the driver die?)") from None
+                time.sleep(0.02)
 
 
 def _call(method, *args):

@@ -22,7 +22,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from data_pipeline.config import IngestConfig, InputError
-from data_pipeline.ingest.dedup import DedupRegistry
+from data_pipeline.ingest.dedup import DedupRegistry, RegistryRef
 from data_pipeline.ingest.shard import ingest_shard
 from data_pipeline.ingest.summary import IngestSummary
 from data_pipeline.ingest.table import check_columns, count_rows, iter_shards, table_schema
@@ -53,13 +53,21 @@ class _Run:
     output_dir: str
     cfg: IngestConfig
     summary: IngestSummary
-    registry: Any
+    registry_ref: RegistryRef  # what the shard tasks get; the actor is created by start_registry
     retry_failed: bool
     retry_reasons: frozenset[str] | None
     metrics: Any = None
     in_flight: dict = field(default_factory=dict)
     rows_done: int = 0
     failed_done: int = 0
+    registry: Any = None  # the actor, once created
+
+    def start_registry(self) -> Any:
+        """The run's registry actor, created on first use under ``registry_ref``'s name."""
+        if self.registry is None:
+            cls = self.ray.remote(_load_committed_owners(DedupRegistry))
+            self.registry = cls.options(num_cpus=0, name=self.registry_ref.name).remote()
+        return self.registry
 
     def finish(self, ref) -> None:
         sid, n_rows = self.in_flight.pop(ref)
@@ -115,7 +123,8 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
     task = ray.remote(num_cpus=1, max_retries=cfg.task_retries,
                       retry_exceptions=list(transient_exceptions()))(ingest_shard)
     # A bounded window keeps the rows of at most a few shards in memory at once.
-    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    window = 2 * concurrent
     start = time.monotonic()
     # Our own rate: tqdm's would count the rows of skipped shards as processed at once.
     bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
@@ -123,6 +132,7 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
     bar = tqdm(total=total_rows, disable=not progress, desc="ingest", bar_format=bar_format)
 
     def refresh(wait_s: float) -> None:
+        run.start_registry()
         done, _ = ray.wait(list(run.in_flight), num_returns=1, timeout=wait_s) if run.in_flight else ([], [])
         for ref in done:
             run.finish(ref)
@@ -142,6 +152,8 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
             summary.shards_total += 1
             if sid in committed and not run.retry_failed:
                 summary.shards_skipped += 1
+                if run.in_flight:  # a submitted task waits for the actor: skipping may take a while
+                    run.start_registry()
                 skipped_rows += rows.num_rows
                 run.rows_done += rows.num_rows
                 if run.metrics:
@@ -149,10 +161,12 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
                 continue
             while len(run.in_flight) >= window:
                 refresh(0.5)
-            ref = task.remote(rows, sid, run.output_dir, cfg, registry=run.registry,
+            ref = task.remote(rows, sid, run.output_dir, cfg, registry=run.registry_ref,
                               retry_reasons=run.retry_reasons, retry_failed=run.retry_failed)
             run.in_flight[ref] = (sid, rows.num_rows)
             del rows
+            if len(run.in_flight) >= concurrent:  # every worker Ray started has a task: now the actor
+                run.start_registry()
         while run.in_flight:
             refresh(0.5)
         refresh(0)
@@ -212,19 +226,20 @@ def ingest(
     committed = committed_shards(fs, root)
     total_rows = count_rows(input_path)
     summary = IngestSummary()
-    registry = ray.remote(_load_committed_owners(DedupRegistry)).options(num_cpus=0).remote()
-    if cfg.dedup and committed:
-        ray.get(registry.load_committed.remote(output_dir, sorted(committed)))
     concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if cfg.fetch.rate_limit_per_domain > 0:  # the run's budget, shared by the running tasks
         fetch_cfg = cfg.fetch.model_copy(update={
             "rate_limit_per_domain": cfg.fetch.rate_limit_per_domain / concurrent})
         cfg = cfg.model_copy(update={"fetch": fetch_cfg})
-    run = _Run(ray, output_dir, cfg, summary, registry, retry_failed, retry_reasons, metrics)
+    run = _Run(ray, output_dir, cfg, summary, RegistryRef(f"ingest-registry-{uuid.uuid4().hex}"),
+               retry_failed, retry_reasons, metrics)
     try:
+        if cfg.dedup and committed:  # the owners of committed images, before any task claims
+            ray.get(run.start_registry().load_committed.remote(output_dir, sorted(committed)))
         _run_shards(run, input_path, committed, total_rows, progress)
     finally:
-        ray.kill(registry)
+        if run.registry is not None:
+            ray.kill(run.registry)
     missing = sorted(set(range(summary.shards_total)) - committed_shards(fs, root))
     if missing:  # never silently lose a shard
         raise ShardFailed(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed "

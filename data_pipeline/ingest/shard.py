@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_pipeline.config import IngestConfig
-from data_pipeline.ingest.dedup import ProgressReporter, mark_duplicates
+from data_pipeline.ingest.dedup import ProgressReporter, RegistryRef, mark_duplicates
 from data_pipeline.ingest.fetch import DomainRateLimiter
 from data_pipeline.ingest.rows import Outcome, process_row
 from data_pipeline.shards.format import IMAGE_EXTS, atomic_write, shard_paths
@@ -152,8 +152,12 @@ def ingest_shard(rows: list[dict] | pa.Table, shard_id: int, output_dir: str, cf
 
     With ``retry_failed`` a committed shard is redone in place: only its failed rows whose
     reason is in ``retry_reasons`` (default: the transient ones, see ``is_transient``; "all"
-    for every reason) are fetched again, the rest is carried over from the shard's files."""
+    for every reason) are fetched again, the rest is carried over from the shard's files.
+    ``registry``: the run's ``DedupRegistry``, its actor or a ``RegistryRef`` to it (None:
+    duplicates only within the shard, no live progress)."""
     start = time.monotonic()
+    if isinstance(registry, RegistryRef):
+        registry = registry.resolve()
     fs, root = fsspec.core.url_to_fs(output_dir)
     paths = shard_paths(root, shard_id)
     if isinstance(rows, pa.Table):

@@ -1,4 +1,4 @@
-"""Turns raw shard samples into model batches (decode, normalise, tokenise)."""
+"""Turns raw shard samples into uint8 model batches (check, decode, crop, tokenise), one reader slot at a time."""
 from __future__ import annotations
 
 import functools

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
-import time
 from collections import Counter, deque
 from typing import Callable, Iterator
 
@@ -181,7 +180,6 @@ class BatchLoader:
         self.max_pixels, self.max_bad_ratio, self.bad_window = max_pixels, max_bad_ratio, bad_window
         self._it: Iterator[dict] | None = None
         self.batches = 0
-        self.last_wait_s = 0.0
         self.bad_counts: Counter[str] = Counter()  # since the run began (kept in the state)
         self.last_bad: Counter[str] = Counter()    # in the last next_batch
         self._recent: deque[str | None] = deque(maxlen=bad_window)  # shard of each bad read, None if good
@@ -241,7 +239,6 @@ class BatchLoader:
         return torch.from_numpy(out)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        t0 = time.perf_counter()
         if self._it is None:
             self._it = iter(self.reader)
         self.last_bad = Counter()
@@ -260,7 +257,6 @@ class BatchLoader:
         if "regions" in self.needs:
             batch.update(region_fields(samples, self.text))
         self.batches += 1
-        self.last_wait_s = time.perf_counter() - t0
         return batch
 
     def state_dict(self) -> dict:

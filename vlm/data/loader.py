@@ -80,9 +80,9 @@ class _Workers(IterableDataset):
                 batches.load_rank_states(self.all_states)
             while True:
                 batch = batches.next_batch()
-                yield batch, batches.state_dict(), dict(batches.last_bad), batches.last_wait_s, worker
+                yield batch, batches.state_dict(), dict(batches.last_bad), worker
         except Exception as e:  # noqa: BLE001 - handed to the training process, which raises it
-            yield {"__error__": (type(e).__name__, str(e))}, None, None, None, worker
+            yield {"__error__": (type(e).__name__, str(e))}, None, None, worker
 
 
 class TrainLoader:
@@ -106,7 +106,6 @@ class TrainLoader:
         self.batches = 0
         self.last_wait_s = 0.0
         self.last_bad: Counter[str] = Counter()
-        self._inline: BatchLoader | None = None
         self._iter: Iterator | None = None
 
     # -- batches ---------------------------------------------------------------------------
@@ -114,8 +113,7 @@ class TrainLoader:
     def _start(self) -> Iterator:
         states, all_states = self._resume
         if self.num_workers == 0:
-            self._inline = _Workers(self.make, 1, 0, states, all_states)
-            return iter(self._inline)
+            return iter(_Workers(self.make, 1, 0, states, all_states))
         dataset = _Workers(self.make, self.num_workers, self.batches % self.num_workers, states, all_states)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch,
                             persistent_workers=False, pin_memory=self.device.type == "cuda",
@@ -125,7 +123,7 @@ class TrainLoader:
     def _host_batch(self) -> dict[str, torch.Tensor]:
         if self._iter is None:
             self._iter = self._start()
-        batch, state, bad, _, worker = next(self._iter)
+        batch, state, bad, worker = next(self._iter)
         if "__error__" in batch:
             self.close()
             kind, message = batch["__error__"]
@@ -151,7 +149,7 @@ class TrainLoader:
 
     def close(self) -> None:
         """Ends the worker processes (a later next_batch starts them again where they were)."""
-        self._iter = self._inline = None
+        self._iter = None
 
     # -- state -----------------------------------------------------------------------------
 
@@ -187,13 +185,12 @@ class TrainLoader:
         self.close()
         slot_states = [s for r in rank_states for s in r.get("workers", [r])]
         layout = {(s["world_size"], s.get("num_workers", 1)) for s in slot_states}
-        mine = [s for s in slot_states if s["rank"] == self.rank]
-        self.batches = max(r.get("batches", 0) for r in rank_states)
         if layout == {(self.world_size, self.slots)} and len(rank_states) == self.world_size:
-            mine.sort(key=lambda s: s.get("worker", 0))
+            mine = sorted((s for s in slot_states if s["rank"] == self.rank), key=lambda s: s.get("worker", 0))
             self.batches = rank_states[self.rank].get("batches", 0)
             self._resume = (mine, None)
             self.states = list(mine)
         else:
+            self.batches = max(r.get("batches", 0) for r in rank_states)
             self._resume = (None, slot_states)
             self.states = [None] * self.slots

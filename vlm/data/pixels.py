@@ -22,8 +22,6 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# what this project used before CLIP's statistics: x / 127.5 - 1, i.e. [-1, 1]
-UNIT_MEAN, UNIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 Box = tuple[float, float, float, float]
 

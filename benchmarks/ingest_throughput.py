@@ -17,13 +17,16 @@ TCP handshake per image (img2dataset opens a connection per request either way).
 3. For each (corpus, server) runs `vlm data ingest` and img2dataset (the PyPI package, in
    its own virtual environment, --i2d-venv, created on first use) --repeat times,
    alternated (the order swapped every repeat, so a busy spell hits both alike), on the
-   same table with the same settings: one process per core (vlm's local Ray runs one
-   shard task per core), 16 download threads each, shards of --shard-size rows (default
+   same table with the same settings: one process per core (`vlm data ingest --backend
+   local --processes CORES`; img2dataset's multiprocessing distributor), 16 download
+   threads each, shards of --shard-size rows (default
    N / cores, so every core has a shard), no retries, resize to 224 (center crop) into
    webdataset shards of JPEG quality 95. Each run's time is the command's wall time,
    start-up and shutdown included; its rate is the images in its tars over that time.
    Prints the medians and, per combination, the line
    ``ingest ratio of medians (CORPUS, SERVER): R`` (vlm's samples/s over img2dataset's).
+   With --ray, `vlm data ingest --backend ray` (a private local Ray, one task per core)
+   runs too, in the same rotation, and its ratio to img2dataset is printed as well.
    With --baseline TREE (a checkout of another commit) that tree's `vlm data ingest` runs
    too, in the same rotation, and the ratio of vlm's medians to its is printed.
 4. Runs `vlm data ingest` over a 1,000,000-row and a 10,000-row table whose URLs point at
@@ -61,7 +64,7 @@ from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 VLM = str(Path(sys.executable).parent / "vlm")
-_LABELS = {"vlm": "vlm ingest", "base": "baseline", "i2d": "img2dataset"}
+_LABELS = {"vlm": "vlm ingest", "ray": "vlm on Ray", "base": "baseline", "i2d": "img2dataset"}
 I2D_VERSION = "1.47.0"
 CORPORA = ("compressible", "photo")
 SERVERS = ("keep-alive", "close")
@@ -175,9 +178,9 @@ def _timed(cmd: list[str], env=None, cwd: Path = REPO) -> tuple[float, str]:
 
 def run_vlm(table: Path, out: Path, shard_size: int, extra: list[str] = (),
             tree: Path | None = None) -> tuple[float, str]:
-    """`vlm data ingest` on a private local Ray with one CPU (one shard task) per core; of
-    the source tree ``tree`` (a checkout of another commit, first on the driver's and Ray
-    workers' PYTHONPATH) instead of this one when given."""
+    """`vlm data ingest` with ``extra`` arguments (this tree's: its backend); of the source
+    tree ``tree`` (a checkout of another commit, first on the driver's and its workers'
+    PYTHONPATH, with its own default backend) instead of this one when given."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [VLM, "data", "ingest", "--input", str(table), "--output", str(out), "--no-progress",
            "--metrics-port", "-1",
@@ -255,7 +258,8 @@ def throughput(args, exe: Path | None) -> None:
               f"center_crop, webdataset jpg q95, no retries; rates: images in the tars / wall time "
               f"of the command", flush=True)
         rates = {(c, tool): [] for c in combos for tool in _LABELS}
-        tools = ["vlm"] + (["base"] if args.baseline else []) + (["i2d"] if exe else [])
+        tools = (["vlm"] + (["ray"] if args.ray else []) + (["base"] if args.baseline else [])
+                 + (["i2d"] if exe else []))
         for rep in range(args.repeat):
             for combo in combos:
                 for tool in (tools if rep % 2 == 0 else tools[::-1]):
@@ -263,7 +267,9 @@ def throughput(args, exe: Path | None) -> None:
                     if tool == "i2d":
                         t, _ = run_i2d(exe, tables[combo], out, args.processes, args.shard_size)
                     else:
-                        t, _ = run_vlm(tables[combo], out, args.shard_size,
+                        backend = {"vlm": ["--backend", "local", "--processes", str(args.processes)],
+                                   "ray": ["--backend", "ray"], "base": []}[tool]
+                        t, _ = run_vlm(tables[combo], out, args.shard_size, backend,
                                        tree=args.baseline if tool == "base" else None)
                     n = count_tar_images(out)
                     rates[combo, tool].append(n / t)
@@ -282,6 +288,9 @@ def throughput(args, exe: Path | None) -> None:
             runs = ", ".join(f"{v / o:.2f}" for v, o in zip(rates[combo, "vlm"], rates[combo, "i2d"]))
             print(f"ingest ratio of medians ({combo[0]}, {combo[1]}): "
                   f"{_median_ratio(rates[combo, 'vlm'], rates[combo, 'i2d']):.2f} (run by run {runs})")
+        if exe and args.ray:
+            print(f"ingest ratio of medians on Ray ({combo[0]}, {combo[1]}): "
+                  f"{_median_ratio(rates[combo, 'ray'], rates[combo, 'i2d']):.2f}")
         if args.baseline:
             print(f"baseline ratio of medians ({combo[0]}, {combo[1]}): "
                   f"{_median_ratio(rates[combo, 'vlm'], rates[combo, 'base']):.2f} (this tree / {args.baseline})")
@@ -321,11 +330,14 @@ def main(argv=None) -> int:
                    help="a checkout of the commit to compare with (git worktree add /tmp/vlm-base COMMIT): "
                    "its `vlm data ingest` runs in turn with this tree's on the same tables, and the "
                    "ratio of their medians is printed")
+    p.add_argument("--ray", action="store_true",
+                   help="also run `vlm data ingest --backend ray` (a private local Ray, one task per core) "
+                   "in the rotation and print its ratio to img2dataset")
     p.add_argument("--skip-i2d", action="store_true", help="do not run img2dataset")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     args = p.parse_args(argv)
-    args.processes = os.cpu_count()  # vlm's local Ray runs one shard task per core
+    args.processes = os.cpu_count()  # one shard process per core (Ray: one task per core)
     args.shard_size = args.shard_size or -(-args.images // args.processes)
     if args.baseline is not None and not any((args.baseline / "cluster" / f).is_file()
                                              for f in ("cli.py", "cli/main.py")):  # before and after the layout change

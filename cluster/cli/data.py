@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 from data_pipeline.config import FilterConfig, ScoreConfig
@@ -24,13 +25,14 @@ def add_data_commands(sub, config_args) -> None:
 
 def _add_ingest(data, config_args) -> None:
     p = data.add_parser("ingest", help="download and filter a URL+caption table into webdataset shards",
-                        description="Streams the table in shards of data.ingest.shard_size rows, one Ray "
-                        "task per shard with a bounded thread pool; writes {id}.tar, {id}.parquet and "
+                        description="Streams the table in shards of data.ingest.shard_size rows, one task "
+                        "per shard with a bounded thread pool, on local processes (--processes; the default) "
+                        "or on Ray (--ray-address, or --backend ray for a private local Ray); writes {id}.tar, {id}.parquet and "
                         "{id}_stats.json (last: the commit) per shard; a rerun skips committed shards. "
                         "Settings: data.ingest.* and data.ingest.fetch.* of the config (--set to override); "
                         "no model section is needed. Images are stored at data.ingest.image_size px (default "
                         "256, whatever the model's input: training and evaluation resize and centre-crop them). "
-                        "Before Ray starts, the table's columns are checked (from its head) and a probe file "
+                        "Before any worker starts, the table's columns are checked (from its head) and a probe file "
                         "is written to --output: a missing column or an unwritable directory exits with status 2; "
                         "an empty table only warns. A shard task is retried (data.ingest.task_retries) only "
                         "for transient errors (network, timeouts), never for a permission error, a full disk "
@@ -44,13 +46,32 @@ def _add_ingest(data, config_args) -> None:
                    "http_429, processing_error) or in --retry-reasons")
     p.add_argument("--retry-reasons", metavar="R1,R2", type=lambda s: frozenset(filter(None, s.split(","))),
                    help="with --retry-failed: the failure reasons to retry instead ('all' for every one)")
-    p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="run the shard tasks on this Ray cluster (implies --backend ray; so does RAY_ADDRESS)")
+    p.add_argument("--backend", choices=("local", "ray"),
+                   help="local: shard tasks on --processes local processes, no Ray (the default without "
+                   "--ray-address or RAY_ADDRESS; starts in under a second); ray: on Ray (--ray-address, "
+                   "else a private local instance, which takes seconds to start and stop)")
+    p.add_argument("--processes", type=_positive_int, metavar="N",
+                   help="with --backend local: shard tasks at once (default: the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--metrics-port", type=int, default=9300, metavar="N",
                    help="serve vlm_ingest_* Prometheus metrics on 127.0.0.1:N while ingesting "
                    "(default 9300; 0: any free port; -1: off); announced in $VLM_METRICS_SD_DIR when set")
     config_args(p)
     p.set_defaults(func=cmd_ingest)
+
+
+def _positive_int(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _default(model, field: str, section: str) -> str:
@@ -122,26 +143,47 @@ def _add_inspect(data) -> None:
 
 
 def cmd_ingest(args) -> int:
+    if args.retry_reasons and not args.retry_failed:
+        raise SystemExit("vlm data ingest: --retry-reasons needs --retry-failed")
+    backend = ingest_backend(args)
+    if backend == "local":  # the workers' start-up (imports) overlaps the driver's and its checks
+        from data_pipeline.ingest.runners import prestart_local
+
+        prestart_local()
     from data_pipeline.config import InputError
     from data_pipeline.ingest.driver import ShardFailed, preflight
 
     cfg = load_config(args.config, args.overrides)
-    if args.retry_reasons and not args.retry_failed:
-        raise SystemExit("vlm data ingest: --retry-reasons needs --retry-failed")
-    try:  # before any Ray start-up: a missing column or an unwritable --output fails in a second
+    try:  # before any worker starts: a missing column or an unwritable --output fails in a second
         if not preflight(args.input, args.output, cfg.data.ingest):
             return 0
-        summary = _run_ingest(args, cfg)
+        summary = _run_ingest(args, cfg, backend)
     except InputError as e:
         raise ConfigError(f"data ingest: {e}") from None
     except ShardFailed as e:
         print(f"vlm: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the workers are stopped; a shard they left has no committed files
+        print(f"\nvlm data ingest: interrupted; the shards committed in {args.output} are kept, and the "
+              "same command continues with the others", file=sys.stderr)
+        return 130
     print(summary.format())
     return 0
 
 
-def _run_ingest(args, cfg):
+def ingest_backend(args) -> str:
+    """"local" or "ray", from --backend, --ray-address and RAY_ADDRESS; exits on a clash."""
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if args.backend == "local" and address:
+        raise SystemExit(f"vlm data ingest: --backend local runs without Ray, but a Ray address is given "
+                         f"({'--ray-address' if args.ray_address else 'RAY_ADDRESS'}={address})")
+    backend = args.backend or ("ray" if address else "local")
+    if args.processes is not None and backend == "ray":
+        raise SystemExit("vlm data ingest: --processes is for --backend local (Ray runs one task per CPU)")
+    return backend
+
+
+def _run_ingest(args, cfg, backend: str):
     from cluster.ray.session import ray_session
     from data_pipeline.ingest.driver import ingest
 
@@ -153,9 +195,13 @@ def _run_ingest(args, cfg):
             metrics = stack.enter_context(IngestMetrics(run=cfg.name, port=args.metrics_port))
             metrics.write_target()
             print(f"ingest metrics at {metrics.url}", flush=True)
-        # lean: a local instance has no dashboard and no runtime_env (no Ray Train here)
-        stack.enter_context(ray_session(args.ray_address, lean=True))
-        return ingest(args.input, args.output, cfg.data.ingest, progress=not args.no_progress, metrics=metrics,
+        processes = None
+        if backend == "ray":  # lean: a local instance has no dashboard and no runtime_env (no Ray Train here)
+            stack.enter_context(ray_session(args.ray_address, lean=True))
+        else:
+            processes = args.processes or len(os.sched_getaffinity(0))
+        return ingest(args.input, args.output, cfg.data.ingest, processes=processes,
+                      progress=not args.no_progress, metrics=metrics,
                       retry_failed=args.retry_failed, retry_reasons=args.retry_reasons, checked=True)
 
 

@@ -1,8 +1,8 @@
-"""Turn a URL+caption table into webdataset shards: one Ray task per shard of N rows.
+"""Turn a URL+caption table into webdataset shards: one task per shard of N rows.
 
-The driver: checks before Ray (``preflight``), then streams the table's shards to
-``ingest_shard`` tasks on the caller's Ray (``cluster.ray.session.ray_session``) and
-fails loudly naming a shard that could not be written. The files of a shard and their
+The driver: checks before any worker starts (``preflight``), then streams the table's
+shards to ``ingest_shard`` tasks, on local processes or on the caller's Ray
+(``runners``; ``cluster.ray.session.ray_session``), and fails loudly naming a shard that could not be written. The files of a shard and their
 atomic commit are ``data_pipeline.shards.format``'s; a rerun skips committed shards.
 ``retry_failed`` redoes only the failed rows of committed shards. Exact duplicates (by
 content hash) are dropped across the whole run.
@@ -10,7 +10,6 @@ content hash) are dropped across the whole run.
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import sys
 import time
@@ -19,65 +18,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
-import pyarrow.parquet as pq
 
 from data_pipeline.config import IngestConfig, InputError
-from data_pipeline.ingest.dedup import DedupRegistry, RegistryRef
-from data_pipeline.ingest.shard import ingest_shard
+from data_pipeline.ingest.runners import LocalRunner, RayRunner
 from data_pipeline.ingest.summary import IngestSummary
 from data_pipeline.ingest.table import check_columns, count_rows, iter_shards, table_schema
 from data_pipeline.shards.format import committed_shards, remove_stale_temporaries, shard_paths
-
-
-def _load_committed_owners(registry_cls):
-    """A registry actor method: owners of the committed shards' images, read where they live."""
-
-    def load(self, output_dir: str, shard_ids: list[int]) -> int:
-        fs, root = fsspec.core.url_to_fs(output_dir)
-        for sid in sorted(shard_ids):
-            with fs.open(shard_paths(root, sid)["parquet"], "rb") as f:
-                table = pq.read_table(f, columns=["key", "status", "sha256"])
-            entries = [(bytes.fromhex(r["sha256"]), r["key"]) for r in table.to_pylist()
-                       if r["status"] == "success" and r["sha256"]]
-            self.preload(entries)
-        return self.size()
-
-    return type("RunRegistry", (registry_cls,), {"load_committed": load})
 
 
 @dataclass
 class _Run:
     """The driver's view of one ingest run."""
 
-    ray: Any
+    runner: Any  # a runners.RayRunner or LocalRunner
     output_dir: str
     cfg: IngestConfig
     summary: IngestSummary
-    registry_ref: RegistryRef  # what the shard tasks get; the actor is created by start_registry
     retry_failed: bool
     retry_reasons: frozenset[str] | None
     metrics: Any = None
     in_flight: dict = field(default_factory=dict)
     rows_done: int = 0
     failed_done: int = 0
-    registry: Any = None  # the actor, once created
 
-    def start_registry(self) -> Any:
-        """The run's registry actor, created on first use under ``registry_ref``'s name."""
-        if self.registry is None:
-            cls = self.ray.remote(_load_committed_owners(DedupRegistry))
-            self.registry = cls.options(num_cpus=0, name=self.registry_ref.name).remote()
-        return self.registry
-
-    def finish(self, ref) -> None:
-        sid, n_rows = self.in_flight.pop(ref)
+    def finish(self, handle) -> None:
+        sid, n_rows = self.in_flight.pop(handle)
         try:
-            stats = self.ray.get(ref)
+            stats = self.runner.result(handle)
         except Exception as e:
-            for other in self.in_flight:
-                self.ray.cancel(other)
+            self.runner.cancel(list(self.in_flight))
             raise self.failure(sid, e) from e
-        self.registry.finish.remote(sid)
+        self.runner.notify("finish", sid)
         self.summary.add(stats)
         self.rows_done += n_rows
         self.failed_done += 0 if stats.get("skipped") else stats["failed"]
@@ -85,11 +56,9 @@ class _Run:
             self.metrics.record_shard(stats)
 
     def failure(self, sid: int, error: Exception) -> "ShardFailed":
-        """The error naming the shard, where it goes and whether it was retried: a task's
-        own exception (Ray's RayTaskError carries it as ``cause``) is retried only when
-        transient; a lost worker always is."""
-        cause = getattr(error, "cause", None) or error
-        retried = cause is error or isinstance(cause, transient_exceptions())
+        """The error naming the shard, where it goes and whether it was retried (only a
+        transient error or a lost worker is)."""
+        cause, retried = self.runner.failure(error)
         how = f"after {self.cfg.task_retries} retries" if retried else "(not retried: it would fail again)"
         where = shard_paths(self.output_dir, sid)["tar"]
         return ShardFailed(f"ingest: shard {sid:05d} ({where}) failed {how}: {type(cause).__name__}: {cause}")
@@ -99,32 +68,13 @@ class ShardFailed(RuntimeError):
     """A shard could not be written; the message names the shard, its path and the cause."""
 
 
-def transient_exceptions() -> tuple[type[BaseException], ...]:
-    """The exceptions of a shard task worth another attempt (network and storage hiccups).
-    Anything else (PermissionError, a full disk, a bad schema, a ValueError of bad input)
-    would fail again the same way, after fetching every row of the shard again."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    with contextlib.suppress(ImportError):
-        import botocore.exceptions as boto
-
-        types += [boto.ConnectionError, boto.HTTPClientError]
-    with contextlib.suppress(ImportError):
-        import aiohttp
-
-        types.append(aiohttp.ClientError)
-    return tuple(types)
-
-
 def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int | None,
                 progress: bool) -> None:
     from tqdm import tqdm
 
-    cfg, ray, summary = run.cfg, run.ray, run.summary
-    task = ray.remote(num_cpus=1, max_retries=cfg.task_retries,
-                      retry_exceptions=list(transient_exceptions()))(ingest_shard)
+    cfg, runner, summary = run.cfg, run.runner, run.summary
     # A bounded window keeps the rows of at most a few shards in memory at once.
-    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    window = 2 * concurrent
+    window = 2 * runner.concurrency
     start = time.monotonic()
     # Our own rate: tqdm's would count the rows of skipped shards as processed at once.
     bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
@@ -132,11 +82,10 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
     bar = tqdm(total=total_rows, disable=not progress, desc="ingest", bar_format=bar_format)
 
     def refresh(wait_s: float) -> None:
-        run.start_registry()
-        done, _ = ray.wait(list(run.in_flight), num_returns=1, timeout=wait_s) if run.in_flight else ([], [])
-        for ref in done:
-            run.finish(ref)
-        running, running_failed = ray.get(run.registry.running_totals.remote())
+        runner.registry()
+        for handle in runner.wait(list(run.in_flight), wait_s) if run.in_flight else []:
+            run.finish(handle)
+        running, running_failed = runner.call("running_totals")
         bar.n = run.rows_done + running
         rate = (bar.n - skipped_rows) / max(time.monotonic() - start, 1e-9)
         bar.set_postfix_str(f"{rate:.1f} samples/s, {run.failed_done + running_failed} failed", refresh=False)
@@ -152,8 +101,8 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
             summary.shards_total += 1
             if sid in committed and not run.retry_failed:
                 summary.shards_skipped += 1
-                if run.in_flight:  # a submitted task waits for the actor: skipping may take a while
-                    run.start_registry()
+                if run.in_flight:  # a submitted task waits for the registry: skipping may take a while
+                    runner.registry()
                 skipped_rows += rows.num_rows
                 run.rows_done += rows.num_rows
                 if run.metrics:
@@ -161,12 +110,12 @@ def _run_shards(run: _Run, input_path: str, committed: set[int], total_rows: int
                 continue
             while len(run.in_flight) >= window:
                 refresh(0.5)
-            ref = task.remote(rows, sid, run.output_dir, cfg, registry=run.registry_ref,
-                              retry_reasons=run.retry_reasons, retry_failed=run.retry_failed)
-            run.in_flight[ref] = (sid, rows.num_rows)
+            handle = runner.submit(rows, sid, run.output_dir, cfg, registry=runner.task_registry,
+                                   retry_reasons=run.retry_reasons, retry_failed=run.retry_failed)
+            run.in_flight[handle] = (sid, rows.num_rows)
             del rows
-            if len(run.in_flight) >= concurrent:  # every worker Ray started has a task: now the actor
-                run.start_registry()
+            if len(run.in_flight) >= runner.concurrency:  # every worker has a task: now the registry
+                runner.registry()
         while run.in_flight:
             refresh(0.5)
         refresh(0)
@@ -202,44 +151,48 @@ def preflight(input_path: str, output_dir: str, cfg: IngestConfig) -> bool:
 
 
 def ingest(
-    input_path: str, output_dir: str, cfg: IngestConfig, *, progress: bool = True, metrics=None,
-    retry_failed: bool = False, retry_reasons: frozenset[str] | None = None, checked: bool = False,
+    input_path: str, output_dir: str, cfg: IngestConfig, *, processes: int | None = None, progress: bool = True,
+    metrics=None, retry_failed: bool = False, retry_reasons: frozenset[str] | None = None, checked: bool = False,
 ) -> IngestSummary:
     """Ingest the whole table; raises ``ShardFailed`` naming the shard if one fails for good.
 
-    ``preflight`` runs first, before Ray is needed (``checked``: the caller ran it); an empty
-    table returns an empty summary. Runs on the Ray the caller initialised (inside
-    ``cluster.ray.session.ray_session()``); raises RuntimeError without one. The table is
-    streamed (the driver's memory does not grow with it). Committed shards are skipped, or
-    with ``retry_failed`` redone for their failed rows (see ``ingest_shard``). ``metrics``:
-    an optional ``data_pipeline.metrics.IngestMetrics`` fed as shards finish."""
+    ``preflight`` runs first, before any worker is started (``checked``: the caller ran
+    it); an empty table returns an empty summary. ``processes``: run the shard tasks on
+    that many local processes, without Ray (``runners.LocalRunner``); None: on the Ray the
+    caller initialised (inside ``cluster.ray.session.ray_session()``), RuntimeError without
+    one. The table is streamed (the driver's memory does not grow with it). Committed
+    shards are skipped, or with ``retry_failed`` redone for their failed rows (see
+    ``ingest_shard``). ``metrics``: an optional ``data_pipeline.metrics.IngestMetrics`` fed
+    as shards finish."""
     start = time.monotonic()
     if not checked and not preflight(input_path, output_dir, cfg):
         return IngestSummary()
-    import ray
+    if processes is None:
+        import ray
 
-    if not ray.is_initialized():
-        raise RuntimeError("ingest needs Ray: call it inside cluster.ray.session.ray_session()")
+        if not ray.is_initialized():
+            raise RuntimeError("ingest needs Ray or local processes: call it inside "
+                               "cluster.ray.session.ray_session(), or with processes=N")
     fs, root = fsspec.core.url_to_fs(output_dir)
     fs.makedirs(root, exist_ok=True)
     remove_stale_temporaries(fs, root)
     committed = committed_shards(fs, root)
     total_rows = count_rows(input_path)
     summary = IngestSummary()
-    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    runner = RayRunner(ray, cfg.task_retries) if processes is None else LocalRunner(processes, cfg.task_retries)
     if cfg.fetch.rate_limit_per_domain > 0:  # the run's budget, shared by the running tasks
         fetch_cfg = cfg.fetch.model_copy(update={
-            "rate_limit_per_domain": cfg.fetch.rate_limit_per_domain / concurrent})
+            "rate_limit_per_domain": cfg.fetch.rate_limit_per_domain / runner.concurrency})
         cfg = cfg.model_copy(update={"fetch": fetch_cfg})
-    run = _Run(ray, output_dir, cfg, summary, RegistryRef(f"ingest-registry-{uuid.uuid4().hex}"),
-               retry_failed, retry_reasons, metrics)
+    run = _Run(runner, output_dir, cfg, summary, retry_failed, retry_reasons, metrics)
+    ok = False
     try:
         if cfg.dedup and committed:  # the owners of committed images, before any task claims
-            ray.get(run.start_registry().load_committed.remote(output_dir, sorted(committed)))
+            runner.call("load_committed", output_dir, sorted(committed))
         _run_shards(run, input_path, committed, total_rows, progress)
+        ok = True
     finally:
-        if run.registry is not None:
-            ray.kill(run.registry)
+        runner.close(ok)
     missing = sorted(set(range(summary.shards_total)) - committed_shards(fs, root))
     if missing:  # never silently lose a shard
         raise ShardFailed(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed "

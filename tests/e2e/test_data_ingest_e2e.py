@@ -1,6 +1,6 @@
 """`vlm data ingest` end to end: a hostile loopback server through Ray, retrying failed
 rows, reading the shards back with webdataset and the training reader, S3 on a loopback
-moto server, and a SIGKILLed driver resumed."""
+moto server, and a SIGKILLed (on Ray and on local processes) or Ctrl-C'd driver resumed."""
 from __future__ import annotations
 
 import json
@@ -226,30 +226,60 @@ def test_s3_input_and_output(ray_local, corpus, server, s3):
     assert rerun.shards_skipped == 3
 
 
-def test_sigkill_driver_then_rerun_has_every_row_once(ray_local, corpus, server, tmp_path):
+def _session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (a driver started with start_new_session and
+    everything it started: Ray's or the local runner's workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _ingest_cmd(tmp_path, server, corpus, backend: str, ray_local) -> tuple[list[str], list[dict], Path]:
     paths = _paths(corpus)
     rows = [{"url": f"{server.url}/{p}", "caption": f"picture number {i}", "row": i} for i, p in enumerate(paths)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     out = tmp_path / "shards"
-    # The drivers join the test's Ray instance, as a driver on a cluster would (and skip
-    # starting one of their own twice); the kill takes the driver alone.
-    address = ray_local.get_runtime_context().gcs_address
+    # On Ray the drivers join the test's Ray instance, as a driver on a cluster would (and
+    # skip starting one of their own twice); the kill takes the driver alone.
+    where = (["--ray-address", ray_local.get_runtime_context().gcs_address] if backend == "ray"
+             else ["--processes", "2"])
     cmd = [VLM, "data", "ingest", "--input", str(tmp_path / "t.parquet"), "--output", str(out),
-           "--no-progress", "--metrics-port", "-1", "--ray-address", address,
+           "--no-progress", "--metrics-port", "-1", *where,
            "--set", "data.ingest.shard_size=4", "--set", "data.ingest.threads=2",
            "--set", "data.ingest.fetch.rate_limit_per_domain=12",
            "--set", "data.ingest.fetch.allow_private_hosts=[127.0.0.1]"]
+    return cmd, rows, out
+
+
+def _first_commit_then(proc: subprocess.Popen, out: Path, sig: int) -> None:
+    deadline = time.monotonic() + 90
+    while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert list(out.glob("*_stats.json")), "no shard committed within 90 s"
+    assert proc.poll() is None, "the run finished before it could be stopped"
+    os.kill(proc.pid, sig)
+
+
+@pytest.mark.parametrize("backend", ["ray", "local"])
+def test_sigkill_driver_then_rerun_has_every_row_once(ray_local, corpus, server, tmp_path, backend):
+    cmd, rows, out = _ingest_cmd(tmp_path, server, corpus, backend, ray_local)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        deadline = time.monotonic() + 90
-        while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        assert list(out.glob("*_stats.json")), "no shard committed within 90 s"
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
+        _first_commit_then(proc, out, signal.SIGKILL)
         proc.wait(timeout=10)
+        if backend == "local":  # nobody can stop the workers of a SIGKILLed driver: they stop themselves
+            deadline = time.monotonic() + 20
+            while _session_processes(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not _session_processes(proc.pid), "local workers outlived their driver by 20 s"
     finally:
         with_group_killed(proc)
     committed_before = len(list(out.glob("*_stats.json")))
@@ -264,6 +294,35 @@ def test_sigkill_driver_then_rerun_has_every_row_once(ray_local, corpus, server,
     # a task already running when the driver died may still commit its shard: never fewer skipped
     skipped = int(re.search(r"(\d+) skipped", rerun.stdout).group(1))
     assert committed_before <= skipped < 10
+    _assert_every_row_once(out, rows)
+
+
+def test_ctrl_c_stops_local_workers_at_once_and_rerun_completes(ray_local, corpus, server, tmp_path):
+    cmd, rows, out = _ingest_cmd(tmp_path, server, corpus, "local", ray_local)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _first_commit_then(proc, out, signal.SIGINT)
+        stopped = time.monotonic()
+        output, _ = proc.communicate(timeout=20)
+        assert time.monotonic() - stopped < 10
+        assert proc.returncode == 130
+        assert b"interrupted; the shards committed in" in output and b"Traceback" not in output
+        deadline = time.monotonic() + 5  # the forkserver exits when it sees its driver gone
+        while _session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in _session_processes(proc.pid)}
+        assert not left, f"processes outlived the stopped driver by 5 s: {left}"
+    finally:
+        with_group_killed(proc)
+    assert len(list(out.glob("*_stats.json"))) < 10
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    _assert_every_row_once(out, rows)
+
+
+def _assert_every_row_once(out: Path, rows: list[dict]) -> None:
     status = _read_status(out)
     assert sorted(r["row"] for r in status) == list(range(len(rows)))
     assert all(r["status"] == "success" for r in status)

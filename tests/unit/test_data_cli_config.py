@@ -60,3 +60,30 @@ def test_curation_never_starts_ray(tmp_path):
     with pytest.raises(RuntimeError, match=r"cluster\.ray\.session\.ray_session"):
         score(str(tmp_path / "shards"), ScoreConfig(), progress=False)
     assert not ray.is_initialized()
+
+
+def test_ingest_backend_follows_the_ray_address(monkeypatch):
+    """Local processes unless a Ray address is given (flag or RAY_ADDRESS); clashes exit."""
+    from cluster.cli.data import ingest_backend
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = ("data", "ingest", "--input", "t.parquet", "--output", "out")
+    assert ingest_backend(parse(*base)) == "local"
+    assert ingest_backend(parse(*base, "--processes", "3")) == "local"
+    assert ingest_backend(parse(*base, "--backend", "ray")) == "ray"
+    assert ingest_backend(parse(*base, "--ray-address", "127.0.0.1:6379")) == "ray"
+    with pytest.raises(SystemExit, match="--backend local runs without Ray.*--ray-address=127.0.0.1:6379"):
+        ingest_backend(parse(*base, "--backend", "local", "--ray-address", "127.0.0.1:6379"))
+    with pytest.raises(SystemExit, match="--processes is for --backend local"):
+        ingest_backend(parse(*base, "--backend", "ray", "--processes", "2"))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert ingest_backend(parse(*base)) == "ray"
+    with pytest.raises(SystemExit, match="RAY_ADDRESS=127.0.0.1:6379"):
+        ingest_backend(parse(*base, "--backend", "local"))
+
+
+@pytest.mark.parametrize("value, message", [("0", "must be at least 1, got 0"), ("two", "not a whole number")])
+def test_ingest_processes_must_be_positive(value, message, capsys):
+    with pytest.raises(SystemExit):
+        parse("data", "ingest", "--input", "t", "--output", "o", "--processes", value)
+    assert f"argument --processes: {message}" in capsys.readouterr().err

@@ -35,7 +35,8 @@ TCP handshake per image (img2dataset opens a connection per request either way).
 
 Nothing leaves 127.0.0.1. Run with `nice`: it keeps every core busy for minutes.
 
-    nice python benchmarks/ingest_throughput.py --skip-memory                  # 2,000 images, 3 repeats
+    nice python benchmarks/ingest_throughput.py --skip-memory                  # 2,000 images, 5 repeats
+    nice python benchmarks/ingest_throughput.py --skip-memory --ray            # and vlm on a private Ray
     nice python benchmarks/ingest_throughput.py --images 400 --repeat 1 --corpora photo --skip-memory
     nice python benchmarks/ingest_throughput.py --skip-throughput             # the memory runs only
     git worktree add /tmp/vlm-base COMMIT && nice python benchmarks/ingest_throughput.py \
@@ -325,7 +326,7 @@ def main(argv=None) -> int:
                    help=f"virtual environment holding img2dataset=={I2D_VERSION} (created if missing)")
     p.add_argument("--big-rows", type=int, default=1_000_000, help="rows of the large memory run")
     p.add_argument("--small-rows", type=int, default=10_000, help="rows of the small memory run")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each tool per combination, alternated")
+    p.add_argument("--repeat", type=int, default=5, help="runs of each tool per combination, alternated")
     p.add_argument("--baseline", type=Path, metavar="TREE",
                    help="a checkout of the commit to compare with (git worktree add /tmp/vlm-base COMMIT): "
                    "its `vlm data ingest` runs in turn with this tree's on the same tables, and the "

@@ -1,6 +1,6 @@
 """Prometheus exporter of an ingest run, and the file_sd target files every exporter writes.
 
-Ray ingest tasks live for seconds, too short to be scraped, so the driver exports for
+Ingest tasks (local or on Ray) live for seconds, too short to be scraped, so the driver exports for
 them: it feeds each finished shard's stats (the task's result) into counters and keeps the
 queue depth current. Labels stay bounded: `run`, `stage`, `status` and a `reason` folded
 into a fixed set (HTTP statuses become their class, anything unforeseen `other`)."""

@@ -27,8 +27,9 @@ def _add_ingest(data, config_args) -> None:
     p = data.add_parser("ingest", help="download and filter a URL+caption table into webdataset shards",
                         description="Streams the table in shards of data.ingest.shard_size rows, one task "
                         "per shard with a bounded thread pool, on local processes (--processes; the default) "
-                        "or on Ray (--ray-address, or --backend ray for a private local Ray); writes {id}.tar, {id}.parquet and "
-                        "{id}_stats.json (last: the commit) per shard; a rerun skips committed shards. "
+                        "or on Ray (--ray-address, or --backend ray for a private local Ray); writes "
+                        "{id}.tar, {id}.parquet and {id}_stats.json (last: the commit) per shard; "
+                        "a rerun skips committed shards. "
                         "Settings: data.ingest.* and data.ingest.fetch.* of the config (--set to override); "
                         "no model section is needed. Images are stored at data.ingest.image_size px (default "
                         "256, whatever the model's input: training and evaluation resize and centre-crop them). "

@@ -1,11 +1,12 @@
 """Exact duplicates across one ingest run (the run-wide registry, a shard's marking) and live progress.
 
-One Ray actor per run holds it, created under a name after the first shard tasks are
-submitted (``RegistryRef``): an actor created first took one of the workers Ray starts
-with the node, and a shard task then waited ~1.5 s for a new one. Shard tasks claim the
+One registry per run holds it (``runners``): on Ray an actor, created under a name after
+the first shard tasks are submitted (``RegistryRef``; an actor created first took one of
+the workers Ray starts with the node, and a shard task then waited ~1.5 s for a new one);
+on local processes an object in a ``multiprocessing`` manager. Shard tasks claim the
 content hashes of their successful samples in one call per shard; the first shard to
 claim a hash owns it, later ones get the owner's key back and drop their copy as
-``duplicate``. A shard that claims again (a Ray retry of its task, ``--retry-failed``)
+``duplicate``. A shard that claims again (a retry of its task, ``--retry-failed``)
 sends its whole final set and takes its own entries over, so a retried attempt never
 loses to its earlier self. A restarted driver reloads the owners from the committed
 shards' status tables.
@@ -23,7 +24,8 @@ def shard_of(key: str) -> int:
 
 
 class DedupRegistry:
-    """hash -> owning key; plain Python so it runs in-process (tests) or as a Ray actor."""
+    """hash -> owning key; plain Python so it runs in-process (tests), in a manager process
+    or as a Ray actor."""
 
     def __init__(self):
         self._owner: dict[bytes, str] = {}

@@ -1,9 +1,10 @@
 """Turn a URL+caption table into webdataset shards: one task per shard of N rows.
 
 The driver: checks before any worker starts (``preflight``), then streams the table's
-shards to ``ingest_shard`` tasks, on local processes or on the caller's Ray
-(``runners``; ``cluster.ray.session.ray_session``), and fails loudly naming a shard that could not be written. The files of a shard and their
-atomic commit are ``data_pipeline.shards.format``'s; a rerun skips committed shards.
+shards to ``ingest_shard`` tasks, on local processes or on the caller's Ray (``runners``;
+``cluster.ray.session.ray_session``), and fails loudly naming a shard that could not be
+written. The files of a shard and their atomic commit are
+``data_pipeline.shards.format``'s; a rerun skips committed shards.
 ``retry_failed`` redoes only the failed rows of committed shards. Exact duplicates (by
 content hash) are dropped across the whole run.
 """
@@ -158,8 +159,9 @@ def ingest(
 
     ``preflight`` runs first, before any worker is started (``checked``: the caller ran
     it); an empty table returns an empty summary. ``processes``: run the shard tasks on
-    that many local processes, without Ray (``runners.LocalRunner``); None: on the Ray the
-    caller initialised (inside ``cluster.ray.session.ray_session()``), RuntimeError without
+    that many local processes, without Ray (``runners.LocalRunner``; they start through
+    multiprocessing's forkserver, so a script calling this needs the usual ``if __name__ ==
+    "__main__":`` guard); None: on the Ray the caller initialised (inside ``cluster.ray.session.ray_session()``), RuntimeError without
     one. The table is streamed (the driver's memory does not grow with it). Committed
     shards are skipped, or with ``retry_failed`` redone for their failed rows (see
     ``ingest_shard``). ``metrics``: an optional ``data_pipeline.metrics.IngestMetrics`` fed
@@ -198,5 +200,19 @@ def ingest(
         raise ShardFailed(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed "
                           f"in {output_dir}")
     summary.elapsed_s = time.monotonic() - start
-    summary.driver_peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary.driver_peak_rss_bytes = peak_rss_bytes()
     return summary
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM, whose count starts at the exec.
+    (``ru_maxrss`` does not: after fork and exec it starts from the parent's peak, so a
+    driver started by a 500 MiB process reported at least 500 MiB.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -143,18 +143,21 @@ _Manager.register("Registry", RunRegistry)
 
 
 def _worker_init(driver_pid: int) -> None:
-    """A local shard process (or the registry's manager): leaves Ctrl-C to the driver (which stops the pool), and exits
-    when the driver is gone (a SIGKILLed driver cannot stop it), checked every second."""
+    """A local shard process (or the registry's manager): leaves Ctrl-C to the driver, which
+    stops the pool, and exits within a second or two of the driver's death (a SIGKILLed
+    driver cannot stop it): when the driver's pid is gone, or when its own parent (the
+    forkserver, which exits with the driver) changes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
 
     def watch() -> None:
         while True:
             time.sleep(1.0)
             try:
                 os.kill(driver_pid, 0)
-            except ProcessLookupError:
+            except OSError:  # gone, or the pid now belongs to someone else's process
                 os._exit(1)
-            except PermissionError:  # the pid was reused by someone else's process
+            if os.getppid() != parent:
                 os._exit(1)
 
     threading.Thread(target=watch, name="driver-watch", daemon=True).start()
@@ -173,9 +176,8 @@ class _Task:
 
 class LocalRunner:
     """Shard tasks (``task``, by default ``ingest_shard``) on ``processes`` local processes,
-    no Ray: a ProcessPoolExecutor forking
-    from a forkserver that preloaded the ingest code, and a manager process holding the
-    run's registry. A task that raises a transient error is submitted again, up to
+    no Ray: a ProcessPoolExecutor forking from a forkserver that preloaded the ingest code,
+    and a manager process holding the run's registry. A task that raises a transient error is submitted again, up to
     ``task_retries`` times; when a worker dies (OOM killer, a segfault in a decoder) the
     pool is replaced and every task it held is submitted again, counted as an attempt."""
 
@@ -193,7 +195,6 @@ class LocalRunner:
         self._manager.start(_worker_init, (os.getpid(),))
         self.task_registry = self._registry = self._manager.Registry()
         self._pool = self._new_pool()
-        self._tasks: set[_Task] = set()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.concurrency, mp_context=self._ctx, initializer=_worker_init,
@@ -210,7 +211,6 @@ class LocalRunner:
     def submit(self, *args, **kwargs) -> _Task:
         task = _Task(args, kwargs)
         self._start(task)
-        self._tasks.add(task)
         return task
 
     def _start(self, task: _Task) -> None:
@@ -248,7 +248,6 @@ class LocalRunner:
         self._pool = self._new_pool()
 
     def result(self, task: _Task) -> dict:
-        self._tasks.discard(task)
         return task.future.result()
 
     def failure(self, error: BaseException) -> tuple[BaseException, bool]:

@@ -130,3 +130,20 @@ def test_local_ingest_fails_loudly_naming_the_shard(served, tmp_path):
         ingest(served, str(tmp_path), cfg, processes=2, progress=False)
     assert not (tmp_path / "00001_stats.json").exists()
     assert os.path.isdir(tmp_path / "00001.tar")
+
+
+def test_driver_peak_rss_is_its_own_not_its_parents():
+    """ru_maxrss of a process started by a big one starts at the parent's peak; the
+    summary's figure must not (the ingest benchmark's parent holds a 1M-row table)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # resident, not just reserved
+    code = ("import resource; from data_pipeline.ingest.driver import peak_rss_bytes; "
+            "print(peak_rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    own, inherited_kib = (int(v) for v in out.stdout.split())
+    del ballast
+    assert inherited_kib * 1024 > 400 * 2**20  # what the old figure would have said
+    assert own < 300 * 2**20

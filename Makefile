@@ -20,13 +20,17 @@ prometheus:
 
 # Order matters: torch first, pinned to the local CPU build (a bare `torch` would pull a
 # multi-GB CUDA build); then the rest; then deepspeed without build isolation, or its build
-# would fetch another torch; then this project without touching dependencies.
+# would fetch another torch; open_clip_torch without its dependencies (its package imports
+# torchvision, which would bring another torch: the project reads CLIP's vocabulary file
+# from it, and the parity tests load its loss and tokenizer modules from their files);
+# then this project without touching dependencies.
 $(STAMP): $(LOCK) requirements/base.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(LOCK) pip setuptools
 	$(PIP) install -q -c $(LOCK) torch
 	$(PIP) install -q -c $(LOCK) -r requirements/base.txt
 	$(PIP) install -q -c $(LOCK) --no-build-isolation deepspeed
+	$(PIP) install -q -c $(LOCK) --no-deps open_clip_torch
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

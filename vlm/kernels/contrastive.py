@@ -36,7 +36,11 @@ Distributed conventions, as in vlm.objectives (every rank holds b rows, B = W*b)
 `impl` picks the local tile work: "torch" (plain-torch loops, any device,
 vlm/kernels/contrastive_torch.py), "triton" (the same tile algorithm as Triton kernels,
 vlm/kernels/contrastive_triton.py, imported on first use) or "naive" (the textbook formula
-on the full logits: the reference and the baseline)."""
+on the full logits: the reference and the baseline).
+
+Accumulation is fp32 (bf16/fp16/fp32 inputs), or fp64 for fp64 inputs, where "torch" and
+"naive" compute everything (tiles, log-sum-exp, gradients) in fp64 as OpenCLIP's losses
+do; the Triton kernels accumulate in fp32 only and refuse fp64."""
 from __future__ import annotations
 
 import math
@@ -70,7 +74,9 @@ def contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | 
                      kind: Literal["softmax", "sigmoid"] = "softmax", labels: Tensor | None = None,
                      impl: Literal["torch", "triton", "naive"] = "torch",
                      block_rows: int | None = None, block_cols: int | None = None) -> Tensor:
-    """Loss of this rank, fp32 scalar. image, text: [b, D] local rows (fp32/bf16/fp16);
+    """Loss of this rank, a scalar in the accumulation dtype: fp32, or fp64 when image and
+    text are fp64. image, text: [b, D] local rows (fp32/bf16/fp16, or fp64 with impl "torch"
+    or "naive", which then compute in fp64 throughout; "triton" refuses fp64);
     scale: [1] logit multiplier (1/T, already exp'd); bias: [1] (sigmoid only);
     labels: [b] int64, -1 = unlabelled. block_rows/block_cols: tile shape, None = the
     impl's default (TORCH_BLOCKS, TRITON_BLOCKS; naive ignores them).
@@ -94,8 +100,11 @@ def _check(image, text, scale, bias, kind, labels, impl, block_rows, block_cols)
     for name, x in (("image", image), ("text", text)):
         if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
             raise ValueError(f"{name} must be [b, D] with b, D >= 1, got {tuple(x.shape)}")
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+        if x.dtype not in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"{name} must be float64, float32, bfloat16 or float16, got {x.dtype}")
+        if x.dtype == torch.float64 and impl == "triton":
+            raise ValueError(f"impl='triton' accumulates in float32 and takes float32, bfloat16 or float16, "
+                             f"got {name} {x.dtype}: use impl='torch' (or 'naive') for float64")
     if image.shape != text.shape:
         raise ValueError(f"image {tuple(image.shape)} and text {tuple(text.shape)} must have the same shape")
     if image.dtype != text.dtype or image.device != text.device:
@@ -117,27 +126,34 @@ def _check(image, text, scale, bias, kind, labels, impl, block_rows, block_cols)
             raise ValueError(f"{name} must be a positive int, got {n!r}")
 
 
-def positive_counts(all_labels: Tensor | None, n: int, device: torch.device) -> Tensor:
-    """|P(i)| for the n global rows, fp32 [n]: the rows sharing a label >= 0, else 1 (own pair)."""
+def positive_counts(all_labels: Tensor | None, n: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """|P(i)| for the n global rows, [n] in dtype: the rows sharing a label >= 0, else 1 (own pair)."""
     if all_labels is None:
-        return torch.ones(n, device=device)
+        return torch.ones(n, device=device, dtype=dtype)
     _, inverse, counts = torch.unique(all_labels, return_inverse=True, return_counts=True)
-    return torch.where(all_labels >= 0, counts[inverse], 1).float()
+    return torch.where(all_labels >= 0, counts[inverse], 1).to(dtype)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 features, else fp32 (bf16/fp16 tiles are upcast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---------------------------------------------------------------------------- naive
 
 def naive_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Tensor | None = None, *,
                            kind: str = "softmax", labels: Tensor | None = None) -> Tensor:
-    """The textbook formula on the full [b, B] logits (fp32), distributed through
-    gather_features like vlm.objectives. On one process the text->image logits are the
-    transpose of the same matrix (one GEMM, as a fair baseline)."""
+    """The textbook formula on the full [b, B] logits (fp32, fp64 for fp64 features),
+    distributed through gather_features like vlm.objectives. On one process the text->image
+    logits are the transpose of the same matrix (one GEMM, as a fair baseline)."""
     rank, size = world()
     b = image.shape[0]
-    all_text = gather_features(text).float()
+    acc = accumulation_dtype(image.dtype)
+    all_text = gather_features(text).to(acc)
     all_labels = gather_labels(labels) if labels is not None else None
-    scale = scale.float().reshape(())
-    logits = scale * image.float() @ all_text.T
+    scale = scale.to(acc).reshape(())
+    logits = scale * image.to(acc) @ all_text.T
     cols = torch.arange(b, device=image.device) + rank * b
     local = torch.arange(b, device=image.device)
     if labels is None:
@@ -146,16 +162,16 @@ def naive_contrastive_loss(image: Tensor, text: Tensor, scale: Tensor, bias: Ten
         positive = (labels[:, None] == all_labels[None, :]) & (labels[:, None] >= 0)
         positive[local, cols] = True
     if kind == "sigmoid":
-        logits = logits + bias.float().reshape(())
+        logits = logits + bias.to(acc).reshape(())
         signs = -torch.ones_like(logits)
         signs[local, cols] = 1.0
         if positive is not None:
             signs[positive] = 1.0
         return -F.logsigmoid(signs * logits).sum() / b
-    logits_t2i = logits.T if size == 1 else scale * text.float() @ gather_features(image).float().T
+    logits_t2i = logits.T if size == 1 else scale * text.to(acc) @ gather_features(image).to(acc).T
     if positive is None:
         return 0.5 * (F.cross_entropy(logits, cols) + F.cross_entropy(logits_t2i, cols))
-    weights = positive / positive.sum(dim=1, keepdim=True)
+    weights = positive.to(acc) / positive.sum(dim=1, keepdim=True)
     loss_i2t = -(weights * F.log_softmax(logits, dim=1)).sum(1).mean()
     loss_t2i = -(weights * F.log_softmax(logits_t2i, dim=1)).sum(1).mean()
     return 0.5 * (loss_i2t + loss_t2i)
@@ -171,27 +187,29 @@ class _TiledContrastive(torch.autograd.Function):
         rank, size = world()
         b = image.shape[0]
         all_labels = _all_gather(labels) if labels is not None else None
-        counts = positive_counts(all_labels, size * b, image.device)
+        acc = accumulation_dtype(image.dtype)
+        counts = positive_counts(all_labels, size * b, image.device, acc)
         ops = _tile_ops(impl)
-        scale32 = scale.detach().float().reshape(1)
-        bias32 = bias.detach().float().reshape(1) if bias is not None else None
+        # the tile passes accumulate in scale's dtype
+        scale_acc = scale.detach().to(acc).reshape(1)
+        bias_acc = bias.detach().to(acc).reshape(1) if bias is not None else None
         offset = rank * b
         own = slice(offset, offset + b)
         if kind == "sigmoid":
-            row_loss = torch.zeros(b, device=image.device)
+            row_loss = torch.zeros(b, device=image.device, dtype=acc)
             for c0, c1, y in _column_chunks(text):
                 lab = all_labels[c0:c1] if labels is not None else None
-                row_loss += ops.sigmoid_forward(image, y, scale32, bias32, labels, lab, offset - c0, blocks)
+                row_loss += ops.sigmoid_forward(image, y, scale_acc, bias_acc, labels, lab, offset - c0, blocks)
             loss = row_loss.sum() / b
             saved = ()
         else:
-            f32 = dict(device=image.device, dtype=torch.float32)
-            row_max, row_sum, row_pos = torch.full((b,), -math.inf, **f32), torch.zeros(b, **f32), torch.zeros(b, **f32)
-            col_max, col_sum, col_pos = torch.empty(size * b, **f32), torch.empty(size * b, **f32), torch.empty(size * b, **f32)
+            like = dict(device=image.device, dtype=acc)
+            row_max, row_sum, row_pos = torch.full((b,), -math.inf, **like), *(torch.zeros(b, **like) for _ in range(2))
+            col_max, col_sum, col_pos = (torch.empty(size * b, **like) for _ in range(3))
             for c0, c1, y in _column_chunks(text):
                 lab = all_labels[c0:c1] if labels is not None else None
                 m, s, p, col_max[c0:c1], col_sum[c0:c1], col_pos[c0:c1] = ops.softmax_forward(
-                    image, y, scale32, labels, lab, offset - c0, blocks)
+                    image, y, scale_acc, labels, lab, offset - c0, blocks)
                 top = torch.maximum(row_max, m)
                 row_sum = row_sum * (row_max - top).exp() + s * (m - top).exp()
                 row_max, row_pos = top, row_pos + p
@@ -203,25 +221,25 @@ class _TiledContrastive(torch.autograd.Function):
             loss_t2i = (col_max[own] - col_pos[own] / counts[own] + col_sum[own].log()).sum()
             loss = 0.5 * (loss_i2t + loss_t2i) / b
             saved = (row_max, row_sum, col_max, col_sum)
-        ctx.save_for_backward(image, text, scale32, bias32, labels, all_labels, counts, *saved)
+        ctx.save_for_backward(image, text, scale_acc, bias_acc, labels, all_labels, counts, *saved)
         ctx.kind, ctx.impl, ctx.blocks, ctx.offset, ctx.size = kind, impl, blocks, offset, size
         ctx.params = (scale.dtype, scale.shape), (bias.dtype, bias.shape) if bias is not None else None
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        image, text, scale32, bias32, labels, all_labels, counts, *saved = ctx.saved_tensors
+        image, text, scale_acc, bias_acc, labels, all_labels, counts, *saved = ctx.saved_tensors
         b, size, offset = image.shape[0], ctx.size, ctx.offset
         ops = _tile_ops(ctx.impl)
-        g = grad.float().reshape(1)
-        f32 = dict(device=image.device, dtype=torch.float32)
-        dx, dscale = torch.zeros(image.shape, **f32), torch.zeros(1, **f32)
-        dy = torch.zeros(text.shape, **f32)  # this rank's text rows, summed from every rank
+        g = grad.to(scale_acc.dtype).reshape(1)
+        like = dict(device=image.device, dtype=scale_acc.dtype)
+        dx, dscale = torch.zeros(image.shape, **like), torch.zeros(1, **like)
+        dy = torch.zeros(text.shape, **like)  # this rank's text rows, summed from every rank
         if ctx.kind == "sigmoid":
-            dbias = torch.zeros(1, **f32)
+            dbias = torch.zeros(1, **like)
             for c0, c1, y in _column_chunks(text):
                 lab = all_labels[c0:c1] if labels is not None else None
-                gx, gy, gs, gb = ops.sigmoid_backward(image, y, scale32, bias32, labels, lab, offset - c0,
+                gx, gy, gs, gb = ops.sigmoid_backward(image, y, scale_acc, bias_acc, labels, lab, offset - c0,
                                                       ctx.blocks, g / b)
                 dx += gx
                 dscale += gs
@@ -239,7 +257,7 @@ class _TiledContrastive(torch.autograd.Function):
             col = (col_max, col_coef / col_sum, col_coef / counts)
             for c0, c1, y in _column_chunks(text):
                 lab = all_labels[c0:c1] if labels is not None else None
-                gx, gy, gs = ops.softmax_backward(image, y, scale32, labels, lab, offset - c0, ctx.blocks, row,
+                gx, gy, gs = ops.softmax_backward(image, y, scale_acc, labels, lab, offset - c0, ctx.blocks, row,
                                                   tuple(v[c0:c1] for v in col))
                 dx += gx
                 dscale += gs

@@ -38,8 +38,9 @@ def _online_lse_(m: Tensor, s: Tensor, t: Tensor, dim: int) -> None:
 
 
 class TorchTiles:
-    """Plain-torch tile passes. Features are upcast to fp32 per tile; scale is folded into
-    the image rows (xs = scale * x) so a tile is one GEMM."""
+    """Plain-torch tile passes. Features are upcast per tile to scale's dtype, the
+    accumulation dtype (fp32, or fp64 for fp64 features), in which every statistic and
+    gradient is kept; scale is folded into the image rows (xs = scale * x) so a tile is one GEMM."""
 
     @staticmethod
     def softmax_forward(x, y, scale, labels, all_labels, offset, blocks):
@@ -47,14 +48,14 @@ class TorchTiles:
         all [b], and the same partial column statistics over these rows: col_max, col_sum,
         col_pos [B]."""
         b, n = x.shape[0], y.shape[0]
-        f32 = dict(device=x.device, dtype=torch.float32)
-        row_max, row_sum, row_pos = torch.empty(b, **f32), torch.empty(b, **f32), torch.zeros(b, **f32)
-        col_max, col_sum, col_pos = torch.full((n,), -math.inf, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
+        acc = dict(device=x.device, dtype=scale.dtype)
+        row_max, row_sum, row_pos = torch.empty(b, **acc), torch.empty(b, **acc), torch.zeros(b, **acc)
+        col_max, col_sum, col_pos = torch.full((n,), -math.inf, **acc), torch.zeros(n, **acc), torch.zeros(n, **acc)
         for r0, r1 in _blocks(b, blocks[0]):
-            xs = x[r0:r1].float() * scale
-            m, s = torch.full((r1 - r0,), -math.inf, **f32), torch.zeros(r1 - r0, **f32)
+            xs = x[r0:r1].to(scale.dtype) * scale
+            m, s = torch.full((r1 - r0,), -math.inf, **acc), torch.zeros(r1 - r0, **acc)
             for c0, c1 in _blocks(n, blocks[1]):
-                t = xs @ y[c0:c1].float().T
+                t = xs @ y[c0:c1].to(scale.dtype).T
                 _online_lse_(m, s, t, 1)
                 _online_lse_(col_max[c0:c1], col_sum[c0:c1], t, 0)
                 pos = _positives(labels, all_labels, offset, (r0, r1), (c0, c1), x.device)
@@ -74,18 +75,17 @@ class TorchTiles:
         """dS = c_i (softmax_row - pos/|P(i)|) + c_j (softmax_col - pos/|P'(j)|)
         = exp(S - max_i) f_i + exp(S - max_j) f_j - pos (w_i + w_j), with row = (max_i, f_i =
         c_i / sum_i, w_i = c_i / |P(i)|) [b] and col = (max_j, f_j, w_j) [B]
-        -> dx [b, D], dy [B, D] (partial over these rows), dscale, all fp32."""
+        -> dx [b, D], dy [B, D] (partial over these rows), dscale, all in scale's dtype."""
         n = y.shape[0]
         (row_max, row_f, row_w), (col_max, col_f, col_w) = row, col
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        dscale = torch.zeros(1, device=x.device)
+        acc = dict(device=x.device, dtype=scale.dtype)
+        dx, dy, dscale = torch.empty(x.shape, **acc), torch.zeros(y.shape, **acc), torch.zeros(1, **acc)
         for r0, r1 in _blocks(x.shape[0], blocks[0]):
-            xr = x[r0:r1].float()
+            xr = x[r0:r1].to(scale.dtype)
             xs = xr * scale
             gx = torch.zeros_like(xr)
             for c0, c1 in _blocks(n, blocks[1]):
-                yc = y[c0:c1].float()
+                yc = y[c0:c1].to(scale.dtype)
                 t = xs @ yc.T
                 ds = (t - row_max[r0:r1, None]).exp_().mul_(row_f[r0:r1, None])
                 ds.add_(t.sub_(col_max[None, c0:c1]).exp_().mul_(col_f[None, c0:c1]))
@@ -114,11 +114,11 @@ class TorchTiles:
     @staticmethod
     def sigmoid_forward(x, y, scale, bias, labels, all_labels, offset, blocks):
         """-> row_loss [b] = sum_j -log sigmoid(z_ij S_ij) = sum_j softplus(-z_ij S_ij)."""
-        row_loss = torch.zeros(x.shape[0], device=x.device)
+        row_loss = torch.zeros(x.shape[0], device=x.device, dtype=scale.dtype)
         for r0, r1 in _blocks(x.shape[0], blocks[0]):
-            xs = x[r0:r1].float() * scale
+            xs = x[r0:r1].to(scale.dtype) * scale
             for c0, c1 in _blocks(y.shape[0], blocks[1]):
-                t = torch.addmm(bias, xs, y[c0:c1].float().T)
+                t = torch.addmm(bias, xs, y[c0:c1].to(scale.dtype).T)
                 q, _ = TorchTiles._signed(t, labels, all_labels, offset, (r0, r1), (c0, c1))
                 row_loss[r0:r1] -= F.logsigmoid(q.neg_()).sum(1)
         return row_loss
@@ -126,15 +126,15 @@ class TorchTiles:
     @staticmethod
     def sigmoid_backward(x, y, scale, bias, labels, all_labels, offset, blocks, coef):
         """dS = coef * (-z) sigmoid(-z S) -> dx [b, D], dy [B, D] (partial), dscale, dbias."""
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        dy = torch.zeros(y.shape, device=x.device, dtype=torch.float32)
-        dscale, dbias = torch.zeros(1, device=x.device), torch.zeros(1, device=x.device)
+        acc = dict(device=x.device, dtype=scale.dtype)
+        dx, dy = torch.empty(x.shape, **acc), torch.zeros(y.shape, **acc)
+        dscale, dbias = torch.zeros(1, **acc), torch.zeros(1, **acc)
         for r0, r1 in _blocks(x.shape[0], blocks[0]):
-            xr = x[r0:r1].float()
+            xr = x[r0:r1].to(scale.dtype)
             xs = xr * scale
             gx = torch.zeros_like(xr)
             for c0, c1 in _blocks(y.shape[0], blocks[1]):
-                yc = y[c0:c1].float()
+                yc = y[c0:c1].to(scale.dtype)
                 t = torch.addmm(bias, xs, yc.T)
                 q, pos = TorchTiles._signed(t, labels, all_labels, offset, (r0, r1), (c0, c1))
                 ds = q.sigmoid_().mul_(coef)

@@ -42,6 +42,10 @@ class Strict(BaseModel):
 
 
 class TokenizerConfig(Strict):
+    # "bpe": a byte-level BPE trained on the run's captions (vocab_size, min_frequency);
+    # "clip": CLIP's 49,408-token BPE with OpenCLIP's exact ids (from open_clip_torch's
+    # vocabulary file; the two keys below do not apply), for CLIP weights and context 77
+    kind: Literal["bpe", "clip"] = "bpe"
     vocab_size: int = Field(1000, ge=64)
     min_frequency: int = Field(2, ge=1)
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from data_pipeline.config import FilterConfig
 from data_pipeline.curate.score import initialised_ray, read_scores
-from data_pipeline.shards.format import atomic_write, committed_shards, shard_paths
+from data_pipeline.shards.format import atomic_write, committed_shards, shard_paths, write_sizes
 from data_pipeline.shards.samples import iter_tar_samples
 from data_pipeline.shards.write import write_samples
 
@@ -166,5 +166,6 @@ def filter_shards(shard_dir: str, output_dir: str, cfg: FilterConfig, *, scores_
         "shard_sizes": [len(p) for p in plans],
         "elapsed_s": round(time.monotonic() - start, 3),
     }
+    write_sizes(out_fs, out_root)
     atomic_write(out_fs, f"{out_root}/manifest.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     return summary

@@ -47,6 +47,20 @@ def _read_parquets(fs, root: str, names: list[str], columns=None) -> pa.Table | 
     return pa.concat_tables(tables, promote_options="permissive") if tables else None
 
 
+def _original(row: dict, side: str) -> Any:
+    """A sample's original size: img2dataset's status tables keep it in original_width /
+    original_height (their width / height are the resized image's); this project's in
+    width / height."""
+    value = row.get(f"original_{side}")
+    return row.get(side) if value is None else value
+
+
+def _reason(row: dict) -> str:
+    """Why a row failed: this project's reason class, else img2dataset's status
+    (failed_to_download, failed_to_resize: its error_message is free text)."""
+    return row.get("reason") or row.get("status") or "unknown"
+
+
 def summarize(shard_dir: str, *, n_captions: int = 5) -> dict[str, Any]:
     """The summary as a JSON-ready dict."""
     shards = list_shards(shard_dir)
@@ -61,23 +75,26 @@ def summarize(shard_dir: str, *, n_captions: int = 5) -> dict[str, Any]:
             stats.append(json.load(f))
     out: dict[str, Any] = {"directory": shard_dir, "shards": len(shards)}
     status = _read_parquets(fs, root, status_names,
-                            ["status", "reason", "width", "height", "caption", "language"])
+                            ["status", "reason", "error_message", "width", "height", "original_width",
+                             "original_height", "caption", "language"])
     if status is not None:
         rows = status.to_pylist()
         ok = [r for r in rows if r["status"] == "success"]
         out["samples"] = {"total": len(rows), "success": len(ok), "failed": len(rows) - len(ok)}
-        out["failures_by_reason"] = dict(Counter(r["reason"] for r in rows if r["status"] != "success").most_common())
-        out["original_width"] = _histogram([r["width"] for r in ok], SIZE_EDGES)
-        out["original_height"] = _histogram([r["height"] for r in ok], SIZE_EDGES)
+        out["failures_by_reason"] = dict(Counter(_reason(r) for r in rows if r["status"] != "success").most_common())
+        out["original_width"] = _histogram([_original(r, "width") for r in ok], SIZE_EDGES)
+        out["original_height"] = _histogram([_original(r, "height") for r in ok], SIZE_EDGES)
         out["caption_words"] = _histogram([len(str(r["caption"]).split()) for r in ok], WORD_EDGES)
         languages = Counter(r.get("language") for r in ok if r.get("language"))
         if languages:
             out["languages"] = dict(languages.most_common(10))
         out["sample_captions"] = [r["caption"] for r in ok[:n_captions]]
     else:
-        out["samples"] = {"total": sum(s.get("total", s.get("success", 0)) for s in stats),
-                          "success": sum(s.get("success", 0) for s in stats),
-                          "failed": sum(s.get("failed", 0) for s in stats)}
+        # this project's stats fields, else img2dataset's (count, successes)
+        success = [s.get("success", s.get("successes", 0)) for s in stats]
+        out["samples"] = {"total": sum(s.get("total", s.get("count", n)) for s, n in zip(stats, success)),
+                          "success": sum(success),
+                          "failed": sum(s.get("total", s.get("count", n)) - n for s, n in zip(stats, success))}
         failures: Counter = Counter()
         for s in stats:
             failures.update(s.get("failures_by_reason", {}))

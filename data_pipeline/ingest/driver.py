@@ -24,7 +24,7 @@ from data_pipeline.config import IngestConfig, InputError
 from data_pipeline.ingest.runners import LocalRunner, RayRunner
 from data_pipeline.ingest.summary import IngestSummary
 from data_pipeline.ingest.table import check_columns, count_rows, iter_shards, table_schema
-from data_pipeline.shards.format import committed_shards, remove_stale_temporaries, shard_paths
+from data_pipeline.shards.format import committed_shards, remove_stale_temporaries, shard_paths, write_sizes
 
 
 @dataclass
@@ -199,6 +199,7 @@ def ingest(
     if missing:  # never silently lose a shard
         raise ShardFailed(f"ingest: shard(s) {', '.join(f'{s:05d}' for s in missing[:10])} not committed "
                           f"in {output_dir}")
+    write_sizes(fs, root)
     summary.elapsed_s = time.monotonic() - start
     summary.driver_peak_rss_bytes = peak_rss_bytes()
     return summary

@@ -67,3 +67,22 @@ def remove_stale_temporaries(fs, root: str) -> int:
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
     return len(stale)
+
+
+SIZES_FILE = "sizes.json"
+
+
+def write_sizes(fs, root: str) -> dict[str, int]:
+    """``sizes.json`` in ``root``: each committed tar's name -> its sample count (the stats'
+    ``success``), the file OpenCLIP's webdataset loader reads to know an epoch's size
+    without ``--train-num-samples``. Rewritten whole, atomically, after every run."""
+    import json
+
+    sizes = {}
+    for sid in sorted(committed_shards(fs, root)):
+        paths = shard_paths(root, sid)
+        with fs.open(paths["stats"], "r") as f:
+            sizes[paths["tar"].rsplit("/", 1)[-1]] = int(json.load(f)["success"])
+    atomic_write(fs, f"{root.rstrip('/')}/{SIZES_FILE}", lambda f: f.write(json.dumps(sizes, indent=1).encode()))
+    return sizes
+

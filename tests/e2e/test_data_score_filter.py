@@ -166,6 +166,8 @@ def test_score_filter_inspect(ray_local, shards, checkpoint, tmp_path, capsys):
     assert summary["kept"] == len(kept) and f"kept {len(kept)} of {N_GOOD + 3}" in printed
     sizes = summary["shard_sizes"]
     assert sum(sizes) == len(kept) and max(sizes) - min(sizes) <= 1 and max(sizes) <= 7
+    # OpenCLIP's loader sums sizes.json over the basenames of the tars it is given
+    assert json.loads((out / "sizes.json").read_text()) == {f"{i:05d}.tar": n for i, n in enumerate(sizes)}
 
     import webdataset as wds
 

@@ -4,6 +4,7 @@ stop that leaves no process behind; and the driver on it, against a loopback ser
 from __future__ import annotations
 
 import os
+import tarfile
 import time
 
 import pyarrow.parquet as pq
@@ -147,3 +148,20 @@ def test_driver_peak_rss_is_its_own_not_its_parents():
     del ballast
     assert inherited_kib * 1024 > 400 * 2**20  # what the old figure would have said
     assert own < 300 * 2**20
+
+
+def test_ingest_writes_sizes_json_as_openclip_reads_it(served, tmp_path):
+    """OpenCLIP's webdataset loader sums sizes.json[basename(tar)] over its shards to size
+    an epoch (without --train-num-samples); a rerun rewrites it whole."""
+    import json
+
+    summary = ingest(served, str(tmp_path), _cfg(), processes=2, progress=False)
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    assert sorted(sizes) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert sum(sizes[p.name] for p in tmp_path.glob("*.tar")) == summary.samples_success == 40
+    for name, n in sizes.items():
+        with tarfile.open(tmp_path / name) as t:
+            assert sum(m.name.endswith(".txt") for m in t) == n
+    (tmp_path / "sizes.json").write_text("{}")
+    ingest(served, str(tmp_path), _cfg(), processes=2, progress=False)  # all skipped: rewritten anyway
+    assert json.loads((tmp_path / "sizes.json").read_text()) == sizes

@@ -300,8 +300,10 @@ def test_sigkill_driver_then_rerun_has_every_row_once(ray_local, corpus, server,
 def test_ctrl_c_stops_local_workers_at_once_and_rerun_completes(ray_local, corpus, server, tmp_path):
     cmd, rows, out = _ingest_cmd(tmp_path, server, corpus, "local", ray_local)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A test run started in the background (nohup, `make test &`) ignores SIGINT, and a child
+    # inherits that: the driver gets Ctrl-C's default disposition back, as in a terminal.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _first_commit_then(proc, out, signal.SIGINT)
         stopped = time.monotonic()

@@ -91,7 +91,6 @@ class RayRunner:
     def __init__(self, ray, task_retries: int):
         self.ray = ray
         self.concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.retries = task_retries
         self.task_registry = RegistryRef(f"ingest-registry-{uuid.uuid4().hex}")
         self._actor = None
         from data_pipeline.ingest.shard import ingest_shard

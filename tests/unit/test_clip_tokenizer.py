@@ -161,3 +161,13 @@ def test_run_trained_bpe_keeps_its_ids():
     for row, end, caption in zip(tokens.tolist(), eot.tolist(), captions):
         ids = [sot] + tok.encode(caption, add_special_tokens=False).ids[:6] + [eot_id]
         assert row == ids + [pad] * (8 - len(ids)) and end == len(ids) - 1
+
+
+def test_generation_bans_padding_only_where_it_is_not_a_word():
+    """A clip tokenizer pads with id 0, the ordinary token "!": captioning may emit it."""
+    from vlm.eval.generate import _banned
+
+    clip = TextEncoder(clip_tokenizer(), 77)
+    assert _banned(clip) == [clip.sot_id] and clip.tokenizer.id_to_token(clip.pad_id) == "!"
+    bpe = TextEncoder(train_tokenizer(["a red square", "a blue circle"] * 20, vocab_size=300), 16)
+    assert _banned(bpe) == [bpe.pad_id, bpe.sot_id]

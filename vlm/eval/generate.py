@@ -9,6 +9,12 @@ from vlm.models.clip import CLIP
 from vlm.data.tokenizer import TextEncoder
 
 
+def _banned(text: TextEncoder) -> list[int]:
+    """Ids a caption never continues with: <sot>, and <pad> where it is a token of its own
+    (a clip tokenizer pads with id 0, the ordinary token "!", which captions may hold)."""
+    return [text.sot_id] if text.kind == "clip" else [text.pad_id, text.sot_id]
+
+
 def _next_log_probs(model: CLIP, prefix: torch.Tensor, image_tokens: torch.Tensor, banned: list[int]) -> torch.Tensor:
     """prefix [N, t] (starting with <sot>), image_tokens [N, P, W] -> log-probabilities of
     token t+1, [N, V], with the `banned` ids (<pad>, <sot>) impossible."""
@@ -34,7 +40,7 @@ def greedy(model: CLIP, images: torch.Tensor, text: TextEncoder, *, max_tokens: 
     seq = torch.full((n, 1), text.sot_id, dtype=torch.long, device=images.device)
     done = torch.zeros(n, dtype=torch.bool, device=images.device)
     for _ in range(min(max_tokens, text.context_length) - 1):
-        nxt = _next_log_probs(model, seq, image_tokens, [text.pad_id, text.sot_id]).argmax(dim=-1)
+        nxt = _next_log_probs(model, seq, image_tokens, _banned(text)).argmax(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, text.eot_id), nxt)
         seq = torch.cat([seq, nxt[:, None]], dim=1)
         done |= nxt == text.eot_id
@@ -64,7 +70,7 @@ def beam_search(model: CLIP, images: torch.Tensor, text: TextEncoder, *, beam: i
         scores = torch.zeros(1, device=images.device)
         finished: list[tuple[float, list[int]]] = []
         for _ in range(max_tokens - 1):
-            logp = _next_log_probs(model, seqs, image_tokens.expand(len(seqs), -1, -1), [text.pad_id, text.sot_id])
+            logp = _next_log_probs(model, seqs, image_tokens.expand(len(seqs), -1, -1), _banned(text))
             total = (scores[:, None] + logp).view(-1)
             top = total.topk(min(beam, total.numel())).indices
             rows, toks = top // logp.shape[1], top % logp.shape[1]

@@ -118,8 +118,7 @@ class Trainer:
         """The run directory's tokenizer: its JSON (saved in every checkpoint) and encoder."""
         tok_path = self.run_dir / TOKENIZER_FILE
         if not tok_path.is_file():
-            raise FileNotFoundError(f"{tok_path} not found: `vlm train` and `vlm demo` make it "
-                                    f"(tokenizer.kind bpe: trained on the captions; clip: CLIP's)")
+            raise FileNotFoundError(f"{tok_path} not found: `vlm train` and `vlm demo` make it (either tokenizer.kind)")
         tokenizer_json = tok_path.read_text()
         return tokenizer_json, TextEncoder.from_json(tokenizer_json, self.cfg.model.text.context_length)
 

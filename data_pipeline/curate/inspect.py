@@ -48,9 +48,9 @@ def _read_parquets(fs, root: str, names: list[str], columns=None) -> pa.Table | 
 
 
 def _original(row: dict, side: str) -> Any:
-    """A sample's original size: img2dataset's status tables keep it in original_width /
-    original_height (their width / height are the resized image's); this project's in
-    width / height."""
+    """A sample's original size: img2dataset's status tables (and this project's) keep it in
+    original_width / original_height, their width / height being the stored image's; this
+    project's shards written before it took img2dataset's names kept it in width / height."""
     value = row.get(f"original_{side}")
     return row.get(side) if value is None else value
 

@@ -15,7 +15,9 @@ from data_pipeline.ingest.fetch import fetch
 
 @dataclass
 class Outcome:
-    """What became of one row: a kept image (``reason`` None) or the reason it was dropped."""
+    """What became of one row: a kept image (``reason`` None) or the reason it was dropped.
+    ``width``/``height`` are the stored (resized) image's, None when nothing is stored;
+    ``original_width``/``original_height`` the downloaded image's (img2dataset's meanings)."""
 
     key: str
     url: Any
@@ -24,6 +26,8 @@ class Outcome:
     error: str | None = None
     width: int | None = None
     height: int | None = None
+    original_width: int | None = None
+    original_height: int | None = None
     sha256: str | None = None
     language: str | None = None
     image: bytes | None = None
@@ -36,6 +40,7 @@ class Outcome:
 
     def reject(self, reason: str, error: str | None) -> None:
         self.reason, self.error, self.image = reason, error, None
+        self.width = self.height = None  # nothing stored
 
 
 def process_row(row: dict, key: str, cfg: IngestConfig, limiter, cpu_slots=None) -> Outcome:
@@ -59,9 +64,10 @@ def process_row(row: dict, key: str, cfg: IngestConfig, limiter, cpu_slots=None)
     with cpu_slots or contextlib.nullcontext():
         out.sha256 = hashlib.sha256(result.data).hexdigest()
         try:
-            img, out.width, out.height = decode_image(result.data, cfg)
+            img, out.original_width, out.original_height = decode_image(result.data, cfg)
             img = resize_image(img, cfg.image_size, cfg.resize_mode, cfg.downscale)
             out.image = encode_image(img, cfg.encode_format, cfg.encode_quality)
+            out.width, out.height = img.size
         except Rejected as r:
             out.reject(r.reason, str(r))
         except Exception as e:  # a bug or an exotic image must cost one sample, not the shard

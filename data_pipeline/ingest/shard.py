@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 import time
@@ -20,8 +21,12 @@ from data_pipeline.ingest.rows import Outcome, process_row
 from data_pipeline.shards.format import IMAGE_EXTS, atomic_write, shard_paths
 from data_pipeline.shards.write import write_samples
 
+# The status table's own columns; an input column of the same name is kept as input_NAME.
+# "error" (the message column before img2dataset's error_message) stays reserved, so its
+# presence marks a shard written in the older layout (see _previous_outcomes).
 _RESERVED_COLUMNS = (
-    "key", "url", "caption", "status", "reason", "error", "width", "height", "sha256", "language",
+    "key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+    "original_height", "reason", "sha256", "language", "error",
 )
 
 
@@ -52,8 +57,9 @@ def _write_tar(f, outcomes: list[Outcome], rows: list[dict], cfg: IngestConfig) 
                 continue
             meta = {
                 "key": out.key, "url": out.url, "caption": out.caption, "status": "success",
-                "width": out.width, "height": out.height, "sha256": out.sha256,
-                **({"language": out.language} if out.language else {}),
+                "error_message": None, "width": out.width, "height": out.height,
+                "original_width": out.original_width, "original_height": out.original_height,
+                "sha256": out.sha256, **({"language": out.language} if out.language else {}),
                 **_extras(row, cfg),
             }
             yield {"__key__": out.key, out.image_ext: out.image, "txt": str(out.caption), "json": meta}
@@ -61,18 +67,35 @@ def _write_tar(f, outcomes: list[Outcome], rows: list[dict], cfg: IngestConfig) 
     write_samples(f, samples())
 
 
+def img2dataset_status(out: Outcome) -> str:
+    """img2dataset's status for an outcome: "success"; "failed_to_resize" when the image's
+    bytes arrived (``sha256`` set) but no image was kept (decode, size and aspect rules,
+    duplicates); else "failed_to_download" (fetch failures, and rows never fetched: caption
+    rules, bad URLs)."""
+    if out.ok:
+        return "success"
+    return "failed_to_resize" if out.sha256 else "failed_to_download"
+
+
+def _error_message(out: Outcome) -> str | None:
+    return None if out.ok else (out.error or out.reason)
+
+
 def _status_table(outcomes: list[Outcome], rows: list[dict], cfg: IngestConfig) -> pa.Table:
+    """One row per input row: img2dataset's columns and meanings, then this project's."""
     records = []
     for out, row in zip(outcomes, rows):
         records.append({
             "key": out.key,
             "url": out.url,
             "caption": out.caption,
-            "status": "success" if out.ok else "failed",
-            "reason": out.reason,
-            "error": out.error,
+            "status": img2dataset_status(out),
+            "error_message": _error_message(out),
             "width": out.width,
             "height": out.height,
+            "original_width": out.original_width,
+            "original_height": out.original_height,
+            "reason": out.reason,
             "sha256": out.sha256,
             "language": out.language,
             **_extras(row, cfg),
@@ -80,19 +103,59 @@ def _status_table(outcomes: list[Outcome], rows: list[dict], cfg: IngestConfig) 
     return pa.Table.from_pylist(records)
 
 
+def _counts(outcomes: list[Outcome]) -> dict:
+    """The stats file's counts: this project's (by reason class), then img2dataset's."""
+    failures = Counter(o.reason for o in outcomes if not o.ok)
+    statuses = Counter(img2dataset_status(o) for o in outcomes)
+    return {
+        "total": len(outcomes),
+        "success": len(outcomes) - sum(failures.values()),
+        "failed": sum(failures.values()),
+        "failures_by_reason": dict(sorted(failures.items())),
+        "count": len(outcomes),
+        "successes": statuses["success"],
+        "failed_to_download": statuses["failed_to_download"],
+        "failed_to_resize": statuses["failed_to_resize"],
+        "status_dict": dict(Counter(_error_message(o) or "success" for o in outcomes).most_common()),
+    }
+
+
 def _read_stats(fs, paths: dict) -> dict:
     with fs.open(paths["stats"], "r") as f:
         return json.load(f)
 
 
+def _row_outcome(row: dict, old_layout: bool) -> Outcome:
+    """A status-table row as an outcome. The older layout (an ``error`` column, status
+    "failed") kept the original size in width/height; the stored size is filled in from
+    the image by the caller."""
+    out = Outcome(key=row["key"], url=row["url"], caption=row["caption"], reason=row["reason"],
+                  sha256=row["sha256"], language=row.get("language"))
+    if old_layout:
+        out.error, out.original_width, out.original_height = row["error"], row["width"], row["height"]
+    else:
+        out.error, out.width, out.height = row["error_message"], row["width"], row["height"]
+        out.original_width, out.original_height = row["original_width"], row["original_height"]
+    return out
+
+
+def _stored_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:  # reads the header only
+        return img.size
+
+
 def _previous_outcomes(fs, paths: dict, keys: list[str]) -> list[Outcome | None]:
     """A committed shard's rows as outcomes, successes with their image bytes; None where a
     row must be fetched again (a success whose image the tar lacks, after a crash between
-    the renames of an earlier retry)."""
+    the renames of an earlier retry). Reads either status-table layout (``_row_outcome``)."""
     import tarfile
 
     with fs.open(paths["parquet"], "rb") as f:
-        status = {r["key"]: r for r in pq.read_table(f).to_pylist()}
+        table = pq.read_table(f)
+    old_layout = "error" in table.column_names
+    status = {r["key"]: r for r in table.to_pylist()}
     images: dict[str, tuple[str, bytes]] = {}
     with fs.open(paths["tar"], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
@@ -105,11 +168,11 @@ def _previous_outcomes(fs, paths: dict, keys: list[str]) -> list[Outcome | None]
         if row is None or (row["status"] == "success" and key not in images):
             previous.append(None)
             continue
-        out = Outcome(key=key, url=row["url"], caption=row["caption"], reason=row["reason"],
-                       error=row["error"], width=row["width"], height=row["height"],
-                       sha256=row["sha256"], language=row.get("language"))
+        out = _row_outcome(row, old_layout)
         if row["status"] == "success":
             out.image_ext, out.image = images[key]
+            if old_layout:
+                out.width, out.height = _stored_size(out.image)
         else:
             out.reason = out.reason or "unknown"
         previous.append(out)
@@ -155,7 +218,7 @@ def ingest_shard(rows: list[dict] | pa.Table, shard_id: int, output_dir: str, cf
     for every reason) are fetched again, the rest is carried over from the shard's files.
     ``registry``: the run's ``DedupRegistry``, its actor or a ``RegistryRef`` to it (None:
     duplicates only within the shard, no live progress)."""
-    start = time.monotonic()
+    start, start_time = time.monotonic(), time.time()
     if isinstance(registry, RegistryRef):
         registry = registry.resolve()
     fs, root = fsspec.core.url_to_fs(output_dir)
@@ -182,19 +245,18 @@ def ingest_shard(rows: list[dict] | pa.Table, shard_id: int, output_dir: str, cf
     atomic_write(fs, paths["tar"], lambda f: _write_tar(f, outcomes, rows, cfg))
     table = _status_table(outcomes, rows, cfg)
     atomic_write(fs, paths["parquet"], lambda f: pq.write_table(table, f))
-    failures = Counter(o.reason for o in outcomes if not o.ok)
     stats = {
         "shard_id": shard_id,
-        "total": len(outcomes),
-        "success": len(outcomes) - sum(failures.values()),
-        "failed": sum(failures.values()),
-        "failures_by_reason": dict(sorted(failures.items())),
+        **_counts(outcomes),
         "fetched": len(todo),
         "retry": previous is not None,
         "bytes_downloaded": sum(outcomes[i].downloaded for i in todo),
         "bytes_written": fs.size(paths["tar"]),
         "elapsed_s": round(time.monotonic() - start, 3),
+        "start_time": start_time,
+        "end_time": time.time(),
     }
+    stats["duration"] = stats["end_time"] - start_time
     atomic_write(fs, paths["stats"], lambda f: f.write(json.dumps(stats, indent=1).encode()))
     return {**stats, "skipped": False}
 

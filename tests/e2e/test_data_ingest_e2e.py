@@ -140,11 +140,11 @@ def test_hostile_corpus_every_row_one_status(ray_local, corpus, server, private_
     rows = _read_status(out)
     assert sorted(r["row"] for r in rows) == list(range(len(expect)))  # every row exactly once
     for r in rows:
-        assert r["status"] in ("success", "failed")
+        assert r["status"] in ("success", "failed_to_download", "failed_to_resize")
         assert (r["reason"] is None) == (r["status"] == "success")
-        assert r["reason"] in expect[r["url"]], (r["url"], r["reason"], r["error"])
+        assert r["reason"] in expect[r["url"]], (r["url"], r["reason"], r["error_message"])
     assert private_server.request_count == 0  # refused before connecting
-    dup_of = {r["url"].rsplit("/", 1)[1]: r["error"] for r in rows if r["reason"] == "duplicate"}
+    dup_of = {r["url"].rsplit("/", 1)[1]: r["error_message"] for r in rows if r["reason"] == "duplicate"}
     assert len(dup_of) == 2 and all("same image as" in e for e in dup_of.values())
 
     n_ok = sum(r["status"] == "success" for r in rows)
@@ -218,7 +218,9 @@ def test_s3_input_and_output(ray_local, corpus, server, s3):
     summary = ingest("s3://vlm-test/in/urls.jsonl", "s3://vlm-test/shards", cfg, progress=False)
     assert (summary.shards_written, summary.samples_success) == (3, 10)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("vlm-test/shards", detail=False))
-    assert names == [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")]
+    assert names == [f"0000{i}{ext}" for i in range(3) for ext in (".parquet", ".tar", "_stats.json")] + ["sizes.json"]
+    with fs.open("vlm-test/shards/sizes.json", "r") as f:
+        assert json.load(f) == {"00000.tar": 4, "00001.tar": 4, "00002.tar": 2}
     shards = list_shards("s3://vlm-test/shards")
     reader = iter(ShardReader(shards, shuffle_block=2))
     assert len({next(reader)["__key__"] for _ in range(10)}) == 10

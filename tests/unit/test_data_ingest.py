@@ -284,7 +284,8 @@ def test_ingest_shard_writes_tar_parquet_stats(corpus, url_table, tmp_path):
             caption = tar.extractfile(key + ".txt").read().decode()
             original = (corpus.root / meta["url"].split("/", 3)[3]).read_bytes()
             assert meta["sha256"] == hashlib.sha256(original).hexdigest()
-            assert (meta["width"], meta["height"], meta["caption"]) == (48, 48, caption)
+            assert (meta["width"], meta["height"], meta["caption"]) == (32, 32, caption)  # as stored
+            assert (meta["original_width"], meta["original_height"]) == (48, 48)
             assert {"colour", "shape", "split", "bbox"} <= meta.keys()
 
 
@@ -481,7 +482,7 @@ def test_dedup_inside_one_shard(server, tmp_path):
     stats = ingest_shard(rows, 0, str(tmp_path), _cfg())
     assert (stats["success"], stats["failures_by_reason"]) == (1, {"duplicate": 1})
     second = pq.read_table(tmp_path / "00000.parquet").to_pylist()[1]
-    assert second["error"] == "same image as 00000" + "0000"
+    assert second["error_message"] == "same image as 00000" + "0000"
 
 
 def test_waiting_for_the_rate_limit_does_not_eat_the_deadline(server):

@@ -9,6 +9,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+# where model.init_from may read weights (vlm.checkpoint.convert reads each)
+INIT_SOURCES = ("openclip", "hf", "vlm")
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -75,6 +79,10 @@ class ModelConfig(Strict):
     grad_checkpointing: bool = False
     dropout: float = Field(0.0, ge=0, lt=1, description="transformer towers: attention and branch-output dropout")
     drop_path: float = Field(0.0, ge=0, lt=1, description="transformer towers: stochastic depth of the last block")
+    activation: Literal["gelu", "quick_gelu"] = Field(
+        "gelu", description="transformer towers' MLP; quick_gelu = x * sigmoid(1.702 x), OpenAI CLIP weights'")
+    init_from: str | None = Field(None, description="openclip:PATH | hf:PATH | vlm:PATH: a fresh run starts from "
+                                  "these weights (and their temperature); see `vlm ckpt convert`")
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     fusion: FusionConfig | None = Field(None, description="multimodal encoder (objectives itm, mcm)")
@@ -82,6 +90,9 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _decoder_needs_causal_text(self) -> ModelConfig:
+        if self.init_from is not None and self.init_from.split(":", 1)[0] not in INIT_SOURCES:
+            raise ValueError(f"init_from {self.init_from!r} must start with one of "
+                             f"{', '.join(k + ':' for k in INIT_SOURCES)} (e.g. openclip:/path/model.pt)")
         if self.decoder is not None and not self.text.causal:
             raise ValueError("model.decoder (captioning) needs a causal text tower: set model.text.causal=true")
         return self

@@ -41,7 +41,7 @@ def _vision_tower(cfg: ModelConfig) -> nn.Module:
     return VisionTransformer(image_size=v.image_size, patch_size=v.patch_size, width=v.width, depth=v.depth,
                              heads=v.heads, embed_dim=cfg.embed_dim, mlp_ratio=v.mlp_ratio,
                              grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout,
-                             drop_path=cfg.drop_path)
+                             drop_path=cfg.drop_path, activation=cfg.activation)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
@@ -53,7 +53,8 @@ def build_model(cfg: ModelConfig, vocab_size: int | None = None) -> CLIP:
         raise ValueError("the text vocabulary size is unknown: set model.text.vocab_size or pass vocab_size")
     text = TextTransformer(vocab_size=vocab, context_length=t.context_length, width=t.width, depth=t.depth,
                            heads=t.heads, embed_dim=cfg.embed_dim, mlp_ratio=t.mlp_ratio, causal=t.causal,
-                           grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout, drop_path=cfg.drop_path)
+                           grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout, drop_path=cfg.drop_path,
+                           activation=cfg.activation)
     vision = build_vision(cfg)
     fusion = decoder = None
     image_width = vision.pooled_dim

@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlm.models.activation import use_activation
 from vlm.models.transformer import Transformer
 
 
 class TextTransformer(nn.Module):
     def __init__(self, *, vocab_size: int, context_length: int, width: int, depth: int,
                  heads: int, embed_dim: int, mlp_ratio: float = 4.0, causal: bool = True,
-                 grad_checkpointing: bool = False, dropout: float = 0.0, drop_path: float = 0.0):
+                 grad_checkpointing: bool = False, dropout: float = 0.0, drop_path: float = 0.0, activation: str = "gelu"):
         super().__init__()
         self.context_length = context_length
         self.causal = causal
@@ -21,6 +22,7 @@ class TextTransformer(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(0.01 * torch.randn(context_length, width))
         self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing, dropout, drop_path)
+        use_activation(self.transformer, activation)
         self.ln_final = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.token_embed.weight, std=0.02)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlm.models.activation import use_activation
 from vlm.models.transformer import Transformer
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, *, image_size: int, patch_size: int, width: int, depth: int, heads: int,
                  embed_dim: int, mlp_ratio: float = 4.0, grad_checkpointing: bool = False,
-                 dropout: float = 0.0, drop_path: float = 0.0):
+                 dropout: float = 0.0, drop_path: float = 0.0, activation: str = "gelu"):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
@@ -25,6 +26,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
         self.ln_pre = nn.LayerNorm(width)
         self.transformer = Transformer(width, depth, heads, mlp_ratio, grad_checkpointing, dropout, drop_path)
+        use_activation(self.transformer, activation)
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=scale)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def add_ckpt_commands(sub, config_args) -> None:
     """Registers `vlm ckpt ...` (config_args unused: everything comes from the checkpoint)."""
-    ckpt = sub.add_parser("ckpt", help="list, inspect and export training checkpoints",
+    ckpt = sub.add_parser("ckpt", help="list, inspect, export and convert checkpoints",
                           description="Checkpoints live in RUN_DIR/checkpoints/TAG/ (DeepSpeed's files, "
                           "trainer_state.pt and manifest.json, written last); RUN_DIR/checkpoints/latest "
                           "names the newest. See docs/checkpoints.md.")
@@ -57,6 +57,32 @@ def add_ckpt_commands(sub, config_args) -> None:
                    "the newest whole one, with a warning)")
     p.add_argument("--force", action="store_true", help="replace --output if it exists")
     p.set_defaults(func=cmd_export)
+    _add_convert(ck)
+
+
+def _add_convert(ck) -> None:
+    """Registers `vlm ckpt convert`."""
+    p = ck.add_parser("convert", help="CLIP weights between vlm, OpenCLIP and Hugging Face",
+                      description="Reads CLIP weights (a vlm run, checkpoint or export; an OpenCLIP state dict "
+                      "(.pt/.bin/.safetensors, with open_clip_config.json beside it when there is one) or "
+                      "OpenCLIP model directory; a Hugging Face CLIPModel directory) and writes them as --to: "
+                      "vlm = an export file (.safetensors) that `vlm eval` and model.init_from read; openclip "
+                      "= a directory OpenCLIP loads with create_model('local-dir:DIR'); hf = a directory "
+                      "CLIPModel.from_pretrained loads. ViT and modified-ResNet image towers (Hugging Face: "
+                      "ViT only). The temperature (and SigLIP's bias) is carried. Nothing pickled is run. "
+                      "See docs/interop.md.")
+    p.add_argument("src", metavar="SRC", help="the weights to read (a file or a directory)")
+    p.add_argument("--to", required=True, choices=("vlm", "openclip", "hf"), help="the format to write")
+    p.add_argument("--output", required=True, metavar="DST",
+                   help="a .safetensors file (--to vlm) or a directory (openclip, hf)")
+    p.add_argument("--from", dest="source", choices=("vlm", "openclip", "hf"),
+                   help="the format of SRC (default: detected from its files)")
+    p.add_argument("--activation", choices=("gelu", "quick_gelu"),
+                   help="the source's MLP activation, where its files cannot say (an OpenCLIP state dict "
+                   "without its config; OpenAI's weights use quick_gelu)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_convert)
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -141,4 +167,22 @@ def cmd_export(args) -> int:
     print(f"exported {ckpt} (step {summary['step']}, ZeRO-{summary['zero_stage']}) to {out}: "
           f"{summary['tensors']} tensors, {summary['parameters']:,} fp32 parameters "
           f"({summary['model_parameters']:,} in the model), {_size(summary['bytes'])}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from vlm.checkpoint.convert import read
+    from vlm.checkpoint.convert_write import write
+
+    summary = write(read(args.src, args.source, activation=args.activation), args.to, args.output, force=args.force)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"converted {args.src} ({summary['from']}) to {summary['to']}: {summary['tensors']} tensors, "
+          f"{summary['parameters']:,} parameters")
+    print("carried: " + ", ".join(summary["carried"]))
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    for f in summary["files"]:
+        print(f"wrote {f}")
     return 0

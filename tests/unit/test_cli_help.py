@@ -10,7 +10,7 @@ from support.ports import free_port
 SUBCOMMANDS = [["demo"], ["data"], ["data", "ingest"], ["data", "score"], ["data", "filter"], ["data", "inspect"],
                ["caption"], ["eval-generative"],
                ["train"], ["eval"], ["model"], ["model", "list"], ["model", "info"], ["monitor"], ["report"],
-               ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"],
+               ["ckpt"], ["ckpt", "list"], ["ckpt", "inspect"], ["ckpt", "export"], ["ckpt", "convert"],
                ["cluster"], ["cluster", "submit"], ["cluster", "status"], ["cluster", "logs"], ["cluster", "stop"],
                ["cluster", "list"], ["cluster", "run"]]
 

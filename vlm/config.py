@@ -194,6 +194,18 @@ class RunConfig(Strict):
     # matrices (the reference); see vlm/kernels and docs/kernels.md
     kernels: Literal["auto", "triton", "torch", "naive"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _imported_weights_use_clip_tokenizer(cls, value):
+        # OpenCLIP's and Hugging Face's CLIP weights were trained on CLIP's token ids, so a run
+        # starting from them (model.init_from) tokenizes with CLIP's unless told otherwise
+        model = value.get("model") if isinstance(value, dict) else None
+        source = str((model.get("init_from") if isinstance(model, dict) else None) or "").split(":", 1)[0]
+        tokenizer = value.get("tokenizer") if isinstance(value, dict) else None
+        if source in ("openclip", "hf") and not (isinstance(tokenizer, dict) and "kind" in tokenizer):
+            value = {**value, "tokenizer": {**(tokenizer or {}), "kind": "clip"}}
+        return value
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "RunConfig":
         if any(o.name == "unicl" for o in self.objectives) and not self.data.label_field:

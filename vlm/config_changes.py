@@ -24,7 +24,7 @@ RESUME_CHANGEABLE: tuple[str, ...] = (
     "train.checkpoint_dir", "train.num_workers", "train.global_batch_size", "train.grad_accum_steps",
     "train.threads_per_worker", "train.stop_grace_s", "train.max_failures",
     "optim.warmup_steps", "optim.min_lr_ratio",
-    "model.grad_checkpointing",
+    "model.grad_checkpointing", "model.init_from",
     "data.train_shards", "data.eval_shards", "data.reader.mix.*.shards",
     "data.max_bad_sample_ratio", "data.bad_sample_window", "data.ingest", "data.score", "data.filter",
     "data.loader_workers", "data.prefetch_batches",

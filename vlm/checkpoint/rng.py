@@ -52,3 +52,10 @@ def legacy_numpy_globals() -> list:
     return [(multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
             (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
             type(np.dtype(np.uint32))]
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python's, numpy's and torch's generators (a fresh run, or after a resume)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -205,6 +205,9 @@ def prepare_tokenizer(cfg) -> None:
     (its tokenizer takes a context length too): said here, as pretrained CLIP weights need 77."""
     path = Path(cfg.run_dir) / TOKENIZER_FILE
     kind = cfg.tokenizer.kind
+    if kind == "bpe" and not path.is_file() and (cfg.model.init_from or "").startswith("vlm:"):
+        _write(path, init_tokenizer(cfg.model.init_from[len("vlm:"):]))
+        print(f"copied the tokenizer of model.init_from {cfg.model.init_from}: {path}")
     if path.is_file() and (have := tokenizer_kind(Tokenizer.from_file(str(path)))) != kind:
         raise ValueError(f"{path} is a {have} tokenizer but tokenizer.kind is {kind}: "
                          "set tokenizer.kind to match, or use another run directory")
@@ -216,6 +219,25 @@ def prepare_tokenizer(cfg) -> None:
                         min_frequency=cfg.tokenizer.min_frequency,
                         extra_words=[colour.grey_word] if colour.enabled else []):
         print(f"trained a BPE tokenizer on the training captions: {path}")
+
+
+def init_tokenizer(source: str) -> Tokenizer:
+    """The tokenizer of a vlm model that a run starts from (model.init_from vlm:PATH): an
+    export's (in its metadata), or a run's or checkpoint's run directory's; its ids are the
+    ones the weights were trained on, so a run-trained BPE must not be trained anew."""
+    p = Path(source)
+    if p.suffix == ".safetensors" and p.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            text = (f.metadata() or {}).get("vlm_tokenizer")
+        if text is None:
+            raise ValueError(f"model.init_from {source}: not a vlm export (no tokenizer in its metadata)")
+        return Tokenizer.from_str(text)
+    for run in (p, p.parent.parent):  # a run directory, or RUN/checkpoints/TAG
+        if (run / TOKENIZER_FILE).is_file():
+            return Tokenizer.from_file(str(run / TOKENIZER_FILE))
+    raise FileNotFoundError(f"model.init_from {source}: no {TOKENIZER_FILE} in the run directory")
 
 
 def _prepare_clip(cfg, path: Path) -> None:

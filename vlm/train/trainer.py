@@ -5,14 +5,12 @@ there is none and we start a 1-process gloo group). Ray lives in cluster/, never
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # before deepspeed is imported (it picks its accelerator then): a GPU when torch sees one
@@ -27,6 +25,7 @@ from vlm.data.batches import BadDataError
 from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
 from vlm.observe.metrics import TrainMetrics
 from vlm.train.deepspeed_config import deepspeed_config
+from vlm.train.init_from import apply_init_from
 from vlm.train.loading import build_loader
 from vlm.train.module import build_pretrainer
 from vlm.train.optim import build_optimizer
@@ -38,12 +37,6 @@ from vlm.data.tokenizer import TOKENIZER_FILE, TextEncoder
 
 EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
                  "dense/dense_miou")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def forward_flops_per_sample(cfg: RunConfig, vocab_size: int) -> float | None:
@@ -75,7 +68,7 @@ class Trainer:
         self.rank, self.world_size = ensure_process_group()
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.set_num_threads(cfg.train.threads_per_worker)
-        seed_everything(cfg.train.seed + self.rank)
+        rng.seed_everything(cfg.train.seed + self.rank)
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = cfg.path(cfg.train.checkpoint_dir)
         self.on_gpu = torch.cuda.is_available()
@@ -96,6 +89,8 @@ class Trainer:
             found = self.rank == 0 and discover.has_checkpoint(self.ckpt_root)
             resume = "latest" if self._broadcast(found) else None
         ckpt, state = self._locate(resume) if resume else (None, None)
+        for line in apply_init_from(model, cfg) if cfg.model.init_from and not resume else ():
+            self._say(line)
         universal = (state is not None and state["world_size"] != self.world_size and cfg.train.zero_stage > 0)
         optimizer, scheduler = build_optimizer(cfg, model)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -174,7 +169,7 @@ class Trainer:
         if state["world_size"] == self.world_size:
             rng.set_rng_state(ranks[self.rank]["rng"])
         else:
-            seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
+            rng.seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
         self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s)); "
                   f"optimizer state restored (Adam step {self._optimizer_steps()})")

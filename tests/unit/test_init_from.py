@@ -22,7 +22,7 @@ from support.ports import free_port
 from support.shardgen import write_shards
 from test_convert_parity import inputs, max_diffs, ours, perturb, theirs_openclip
 from vlm.config import load_config
-from vlm.data.tokenizer import TOKENIZER_FILE, prepare_tokenizer
+from vlm.data.tokenizer import TOKENIZER_FILE, clip_tokenizer, prepare_tokenizer
 from vlm.eval.load import load_eval_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +123,8 @@ def test_a_vlm_export_brings_its_tokenizer(tmp_path, source):
                              "tokenizer.kind=clip"])
     prepare_tokenizer(cfg)
     assert (tmp_path / "run" / TOKENIZER_FILE).is_file()
+    assert (tmp_path / "run" / TOKENIZER_FILE).read_text() == clip_tokenizer().to_str()
     bpe = load_config(None, [f"run_dir={tmp_path / 'run2'}", f"model.init_from=vlm:{export}"])
-    with pytest.raises(ValueError, match="is a clip tokenizer but tokenizer.kind is bpe"):
+    with pytest.raises(ValueError, match="was trained with a clip tokenizer: set tokenizer.kind: clip"):
         prepare_tokenizer(bpe)  # the export's tokenizer is CLIP's: the kind must say so
+    assert not (tmp_path / "run2").exists()  # refused before anything was written

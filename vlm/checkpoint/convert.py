@@ -155,19 +155,36 @@ def _read_hf(p: Path) -> Weights:
     if not (folder / HF_CONFIG).is_file():
         raise FileNotFoundError(f"{folder} has no {HF_CONFIG}: a Hugging Face CLIPModel is a directory "
                                 "(save_pretrained's layout)")
-    if p.is_dir():
-        found = [p / f for f in (HF_WEIGHTS, "pytorch_model.bin") if (p / f).is_file()]
-        if not found:
-            raise FileNotFoundError(f"{p} has neither {HF_WEIGHTS} nor pytorch_model.bin")
-        p = found[0]
     model = names_hf.config_to_ours(json.loads((folder / HF_CONFIG).read_text()))
     if (folder / HF_PREPROCESS).is_file():
         pre = json.loads((folder / HF_PREPROCESS).read_text())
         if "image_mean" in pre and "image_std" in pre:
             model = model.model_copy(update={"vision": model.vision.model_copy(
                 update={"image_mean": tuple(pre["image_mean"]), "image_std": tuple(pre["image_std"])})})
-    state = _load_state(p)
+    state = _hf_state(p)
     return Weights(names_hf.from_hf(state, model), model, "hf", logit_scale=_scalar(state.get("logit_scale")))
+
+
+def _hf_state(p: Path) -> dict[str, torch.Tensor]:
+    """save_pretrained's weights: one file, or shards listed by an index (large models)."""
+    if not p.is_dir():
+        return _load_state(p)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (p / index).is_file():
+            shards = sorted(set(json.loads((p / index).read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in _load_state(_inside(p, shard)).items()}
+    found = [p / f for f in (HF_WEIGHTS, "pytorch_model.bin") if (p / f).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{p} has neither {HF_WEIGHTS}, pytorch_model.bin nor a sharded index")
+    return _load_state(found[0])
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """A file an index names, refused when the name leaves the folder (an untrusted index)."""
+    path = (folder / name).resolve()
+    if path.parent != folder.resolve():
+        raise ValueError(f"{folder}: the index names {name!r}, which is not a file of that directory")
+    return path
 
 
 def _scalar(t: torch.Tensor | None) -> torch.Tensor | None:

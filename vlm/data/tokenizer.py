@@ -205,8 +205,12 @@ def prepare_tokenizer(cfg) -> None:
     (its tokenizer takes a context length too): said here, as pretrained CLIP weights need 77."""
     path = Path(cfg.run_dir) / TOKENIZER_FILE
     kind = cfg.tokenizer.kind
-    if kind == "bpe" and not path.is_file() and (cfg.model.init_from or "").startswith("vlm:"):
-        _write(path, init_tokenizer(cfg.model.init_from[len("vlm:"):]))
+    if not path.is_file() and (cfg.model.init_from or "").startswith("vlm:"):
+        source = init_tokenizer(cfg.model.init_from[len("vlm:"):])
+        if (have := tokenizer_kind(source)) != kind:
+            raise ValueError(f"model.init_from {cfg.model.init_from} was trained with a {have} tokenizer: "
+                             f"set tokenizer.kind: {have}")
+        _write(path, source)
         print(f"copied the tokenizer of model.init_from {cfg.model.init_from}: {path}")
     if path.is_file() and (have := tokenizer_kind(Tokenizer.from_file(str(path)))) != kind:
         raise ValueError(f"{path} is a {have} tokenizer but tokenizer.kind is {kind}: "

@@ -223,3 +223,22 @@ def test_sharded_huggingface_directory(tmp_path):
     model, _, _ = load_eval_model(str(tmp_path / "vlm.safetensors"))
     images, tokens, eot = inputs(32)
     report("small-vit sharded", "hf -> vlm", max_diffs(ours(model, images, tokens, eot), theirs_hf(src, images, tokens)))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_with_code_is_refused_unrun(tmp_path, capsys):
+    """Someone else's .pt that needs a global beyond tensors and plain data is refused, and
+    what it would run never runs."""
+    marker = tmp_path / "ran"
+    torch.save({"visual.conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, tmp_path / "evil.pt")
+    assert vlm_main(["ckpt", "convert", str(tmp_path / "evil.pt"), "--to", "vlm",
+                     "--output", str(tmp_path / "out.safetensors")]) == 1
+    assert "refusing to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()

@@ -213,3 +213,31 @@ def test_resnet_tower_gives_region_features_and_refuses_tokens(tmp_path):
         assert d["num_boxes"] > 0 and 0 <= d["box_acc1"] <= 1
     with pytest.raises(ValueError, match="ResNet image tower has region features only as 'maskclip'"):
         token_map(model.visual, torch.zeros(1, 3, 64, 64), "tokens")
+
+
+def test_vlm_eval_detection_end_to_end(trained, cocoset, tmp_path, capsys):
+    """`vlm eval --task detection` on an export of the trained model: the same figures as the
+    function, printed and written; a detection flag without the task is refused."""
+    from safetensors.torch import save_file
+
+    from cluster.cli.main import main
+    from vlm.checkpoint.export import EXPORT_FORMAT
+
+    model, text, cfg = trained
+    export = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export),
+              metadata={"format": "pt", "vlm_format": EXPORT_FORMAT, "vlm_tokenizer": text.tokenizer.to_str(),
+                        "vlm_config": json.dumps(cfg.model_dump(mode="json"))})
+    root, proposals = cocoset
+    out = tmp_path / "det.json"
+    assert main(["eval", "--checkpoint", str(export), "--data", str(root / "instances.json"), "--task", "detection",
+                 "--proposals", str(proposals), "--region", "crop", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    direct = evaluate_detection(model, text, cfg.eval, str(root), image_size=SIZE, proposals=str(proposals),
+                                region="crop")["detection"]
+    written = json.loads(out.read_text())["detection"]
+    assert written["box_acc1"] == pytest.approx(direct["box_acc1"]) and written["ap50"] == pytest.approx(direct["ap50"])
+    assert written["ap50"] > 0.6
+    assert f"detection AP@0.5: {direct['ap50']:.4f}" in printed and f"box top-1: {direct['box_acc1']:.4f}" in printed
+    assert main(["eval", "--checkpoint", str(export), "--data", str(root), "--region", "crop"]) == 2
+    assert "--region only apply to --task detection" in capsys.readouterr().err

@@ -132,6 +132,12 @@ class EvalConfig(Strict):
     background_prompts: list[str] = Field(default_factory=lambda: [
         "a photo of a plain background.", "a plain background.", "an empty background.",
     ], min_length=1)
+    # video tasks: the bounds on decoding one clip (vlm/eval/video_data.py's VideoLimits); a
+    # clip over any of them is skipped and named
+    video_max_bytes: int = Field(512 << 20, gt=0)
+    video_max_pixels: int = Field(4096 * 4096, gt=0, description="one frame's width x height")
+    video_max_frames: int = Field(10_000, gt=0)
+    video_max_seconds: float = Field(60.0, gt=0, description="wall clock to count and decode one clip")
 
     @field_validator("class_names", mode="before")
     @classmethod

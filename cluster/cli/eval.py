@@ -45,7 +45,8 @@ def add_eval_commands(sub, config_args) -> None:
                        "embedded as an evaluation image, and the frame embeddings pooled into one clip "
                        "embedding; built-in templates are action prompts ('a video of a person {c}.'). A "
                        "clip that does not decode, holds no frame, or is over a decoding bound (512 MiB, "
-                       "4096x4096 pixels a frame, 10000 frames, 60 s) is skipped and listed. Detection (zero-shot, "
+                       "4096x4096 pixels a frame, 10000 frames, 60 s by default: --set eval.video_max_bytes, "
+                       "video_max_pixels, video_max_frames, video_max_seconds) is skipped and listed. Detection (zero-shot, "
                        "asked for by --task detection, alone) reads COCO-format data: --data is instances.json "
                        "or its folder (images relative to it, or to --image-root); each proposal (--proposals, "
                        "else the ground-truth boxes) is classified by its region feature against the category "
@@ -130,10 +131,15 @@ def _evaluate_detection(args, model, text, cfg) -> dict:
 
 def _evaluate_video(args, model, text, cfg) -> dict:
     from vlm.eval.video import evaluate_video
+    from vlm.eval.video_data import VideoLimits
 
-    return evaluate_video(model, text, cfg.eval, args.data, image_size=cfg.model.vision.image_size, tasks=args.task,
+    ev = cfg.eval
+    limits = VideoLimits(max_bytes=ev.video_max_bytes, max_pixels=ev.video_max_pixels,
+                         max_frames=ev.video_max_frames, max_seconds=ev.video_max_seconds)
+    return evaluate_video(model, text, ev, args.data, image_size=cfg.model.vision.image_size, tasks=args.task,
                           frames=args.frames or 8, stride=args.frame_stride, pooling=args.pooling or "mean",
-                          classnames=args.classnames, templates=args.templates, probe_train=args.probe_train)
+                          classnames=args.classnames, templates=args.templates, probe_train=args.probe_train,
+                          limits=limits)
 
 
 def cmd_eval(args) -> int:

@@ -18,7 +18,7 @@ import torch
 from cluster.cli import eval as eval_cli
 from cluster.cli.main import main
 from support.videogen import MOTIONS, write_clip, write_motion_set
-from vlm.config import load_config
+from vlm.config import EvalConfig, load_config
 from vlm.data.tokenizer import TextEncoder, train_tokenizer
 from vlm.eval.video import POOLINGS, VIDEO_TASKS, evaluate_video, format_video_results, pool_frames
 from vlm.eval.video_data import Unreadable, VideoLimits, decode_clip, frame_indices, list_clips
@@ -240,9 +240,22 @@ def test_the_cli_names_the_video_module_s_choices_and_bounds():
     limits = VideoLimits()
     side = int(limits.max_pixels ** 0.5)
     bounds = (f"({limits.max_bytes >> 20} MiB, {side}x{side} pixels a frame, {limits.max_frames} frames, "
-              f"{limits.max_seconds:g} s)")
+              f"{limits.max_seconds:g} s by default")
     parser_help = " ".join(_eval_help().split())
     assert bounds in parser_help, bounds
+    ev = EvalConfig()  # the config's defaults are the module's
+    assert (ev.video_max_bytes, ev.video_max_pixels, ev.video_max_frames, ev.video_max_seconds) == (
+        limits.max_bytes, limits.max_pixels, limits.max_frames, limits.max_seconds)
+
+
+def test_the_bounds_come_from_the_eval_config(tmp_path, export, capsys):
+    """--set eval.video_max_frames below the clips' 16 frames: every clip is skipped for it,
+    and a set with no readable clip is an error naming the data."""
+    table = write_motion_set(tmp_path / "csv", 1, table=True)
+    assert main(["eval", "--checkpoint", str(export), "--data", str(table), "--task", "video-zeroshot",
+                 "--set", "eval.video_max_frames=8"]) == 1
+    err = capsys.readouterr().err
+    assert str(table) in err and "frames" in err, err
 
 
 def _eval_help() -> str:

@@ -6,9 +6,6 @@ vlm export starts a run with the tokenizer it was trained with."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,13 @@ from safetensors.torch import save_file
 
 from cluster.cli.main import main as vlm_main
 from support.openclip import model_module
-from support.ports import free_port
+from support.engine import engine
 from support.shardgen import write_shards
 from test_convert_parity import inputs, max_diffs, ours, perturb, theirs_openclip
 from vlm.config import load_config
 from vlm.data.tokenizer import TOKENIZER_FILE, clip_tokenizer, prepare_tokenizer
 from vlm.eval.load import load_eval_model
 
-REPO = Path(__file__).resolve().parents[2]
 # OpenCLIP's shape of the tiny model below (mlp_ratio 2, 16-wide heads)
 MODEL_CFG = {"embed_dim": 32, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16,
@@ -61,13 +57,6 @@ def run_config(tmp_path: Path, shards: Path, model: dict, init_from: str) -> Pat
         "train": {"num_workers": 1, "micro_batch_size": 8, "steps": 1, "checkpoint_every": 1, "log_every": 1},
         "metrics": {"enabled": False}, "eval": {"every_steps": 0}}))
     return path
-
-
-def engine(config: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "vlm.train.trainer", "--config", str(config)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,7 @@ from support.dispatch import LargestTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from loss_memory import measure  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny tiles on a loaded 2-core machine: a second intra-op thread only adds waiting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from support.threads import one_thread  # noqa: F401  (autouse: one torch thread here)
 
 
 def reference(image, text, scale, bias, kind, labels):

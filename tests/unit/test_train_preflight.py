@@ -7,10 +7,7 @@ submitted again with a changed config is refused, naming the keys."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,9 +22,9 @@ from cluster.preflight import check_train
 from support.shardgen import write_shards
 from vlm.config import ConfigError, RunConfig, _models_in, load_config
 from vlm.config_changes import RESUME_CHANGEABLE
+from support.engine import engine
 from support.ports import free_port
 
-REPO = Path(__file__).resolve().parents[2]
 FAST_S = 60  # a refusal before Ray: well under what starting Ray and a worker group takes
 
 
@@ -41,14 +38,6 @@ def write_config(path: Path, run_dir: Path, shards: Path) -> Path:
         "metrics": {"enabled": False}, "eval": {"every_steps": 0},
     }))
     return path
-
-
-def engine(config: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m vlm.train.trainer` as one process (its own 1-rank gloo group), no Ray."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "vlm.train.trainer", "--config", str(config), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from vlm.data.tokenizer import TextEncoder, train_tokenizer
 from vlm.eval.video import POOLINGS, VIDEO_TASKS, evaluate_video, format_video_results, pool_frames
 from vlm.eval.video_data import Unreadable, VideoLimits, decode_clip, frame_indices, list_clips
 from vlm.models.registry import build_model
+from support.threads import one_thread  # noqa: F401  (autouse: one torch thread here)
 
 TINY = ["model.embed_dim=64", "model.vision.width=64", "model.vision.depth=2", "model.vision.heads=2",
         "model.vision.image_size=16", "model.vision.patch_size=4", "data.ingest.image_size=16",
@@ -30,15 +31,6 @@ TINY = ["model.embed_dim=64", "model.vision.width=64", "model.vision.depth=2", "
         "eval.batch_size=64"]
 WORDS = "a video of a person clip moving left right up down growing shrinking"
 PER_CLASS = 32  # 128 clips: 64 train the probe (16 of them validate its C), 64 test it
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny frames on a loaded 2-core machine: a second intra-op thread only adds waiting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0):

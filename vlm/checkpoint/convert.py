@@ -64,9 +64,15 @@ def detect(path: str | os.PathLike) -> str:
                          f"({HF_CONFIG}) nor a vlm run or checkpoint")
     if not p.is_file():
         raise FileNotFoundError(f"no such file or directory: {p}")
-    if p.suffix == ".safetensors" and "vlm_format" in _safetensors_metadata(p):
-        return "vlm"
-    keys = _load_state(p).keys()
+    if p.suffix == ".safetensors":  # the header says it all: no tensor is read twice
+        from safetensors import safe_open
+
+        if "vlm_format" in _safetensors_metadata(p):
+            return "vlm"
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = _load_state(p).keys()
     if any(k.startswith("vision_model.") for k in keys):
         return "hf"
     return "openclip"

@@ -1,12 +1,17 @@
-"""Stopping a run on SIGTERM or SIGINT: the handlers, the grace-period watcher and FORCED_EXIT."""
+"""Stopping a run on SIGTERM or SIGINT: the handlers, the grace-period watcher and FORCED_EXIT;
+and the end of a finished rank's process (leave_process)."""
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
+
+import torch.distributed as dist
 
 # exit status when a second signal, or the end of train.stop_grace_s, ends a run before its
 # save (docs/checkpoints.md, "Stopping and restarts"); a clean stop exits with 128 + signum
@@ -68,3 +73,21 @@ class StopSignals:
         if self.pipe is not None:
             signal.set_wakeup_fd(self.old_wakeup)
             os.close(self.pipe[1])  # the read end stays open for the watcher, which ends within 0.2 s
+
+
+def leave_process(status: int) -> None:
+    """The end of a finished rank, whose checkpoint, logs and data workers are closed: every
+    rank waits for the others (so that none closes its sockets, or rank 0 the rendezvous
+    store, while a peer still talks to it), the process groups go, and the process exits at
+    once. Skipping the interpreter's teardown is deliberate: a gloo rank could abort there
+    ("terminate called without an active exception", seen once in CI after a clean run,
+    rank 1), when native threads and tensors outlive the objects that own them."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+

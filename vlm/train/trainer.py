@@ -4,6 +4,7 @@ Runs under plain torch.distributed (a launcher has already created the process g
 there is none and we start a 1-process gloo group). Ray lives in cluster/, never here."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import time
@@ -31,7 +32,7 @@ from vlm.train.module import build_pretrainer
 from vlm.train.optim import build_optimizer
 from vlm.train.rendezvous import ensure_process_group
 from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, truncate_log, write_step
-from vlm.train.stop import StopSignals
+from vlm.train.stop import StopSignals, leave_process
 from vlm.train.universal import to_universal
 from vlm.data.tokenizer import TOKENIZER_FILE, TextEncoder
 
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", metavar="auto|latest|TAG|PATH",
                     help="continue from a checkpoint (auto: the newest one if there is one, else start)")
     args = ap.parse_args(argv)
+    faulthandler.enable()  # a native crash (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -382,13 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # e.g. a resume whose config changed keys the checkpoint fixes
         print(f"python -m vlm.train.trainer: {e}", flush=True)
         return 2
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    status = 0
     if summary["stopped"] and summary["signal"] is not None:
         if summary["rank"] == 0:
             print(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}", flush=True)
-        return 128 + summary["signal"]
-    return 0
+        status = 128 + summary["signal"]
+    leave_process(status)
+    return status
 
 
 if __name__ == "__main__":

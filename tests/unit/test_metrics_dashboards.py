@@ -52,7 +52,7 @@ def emitted(tmp_path_factory):
 
 
 def expressions(dashboard: dict) -> list[str]:
-    exprs = []
+    exprs = [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
     for panel in dashboard["panels"]:
         exprs += [t["expr"] for t in panel.get("targets", [])]
         for inner in panel.get("panels", []):  # collapsed rows hold their panels
@@ -106,4 +106,43 @@ def test_dashboard_expressions_parse(tmp_path):
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
     out = subprocess.run([exe, "check", "rules", str(tmp_path / "rules.yml")],
                          capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_panel_draws_a_series_per_instance():
+    # a bare selector draws one line per scraped instance: a worker restarted on another port
+    # would start a second "rank 0" line
+    for path in DASHBOARDS:
+        for expr in expressions(json.loads(path.read_text())):
+            assert not re.match(r"\s*[A-Za-z_:][A-Za-z0-9_:]*\s*\{", expr), f"{path.name}: {expr}"
+
+
+def panel_expr(dashboard: dict, title: str, target: int = 0) -> str:
+    panel = next(p for p in dashboard["panels"] if p.get("title") == title)
+    return panel["targets"][target]["expr"].replace("$run", "r").replace("$rank", ".*")
+
+
+def test_a_short_lived_worker_restarted_on_another_port(tmp_path):
+    """Rank 0 serves on port 1 for 2 minutes (its last sample still in the look-back, as when
+    its target vanished unscraped), its replacement lives 30 s on port 2 (one scrape, then
+    a failed one), the next one serves on port 3: the panels draw one rank, and the restarts
+    stat counts both restarts."""
+    exe = shutil.which("promtool")
+    assert exe, "promtool is not on PATH: run `make install` (Debian's prometheus package)"
+    dashboard = json.loads((GRAFANA / "vlm-training.json").read_text())
+    series = {"a:1": ("0x8", "1x8"), "a:2": ("_x9 135 stale", "_x9 5 stale"), "a:3": ("_x11 165x8", "_x11 2x8")}
+    inputs = []
+    for instance, (start, grad) in series.items():
+        labels = f'run="r",rank="0",instance="{instance}",job="vlm"'
+        inputs += [{"series": f"vlm_worker_start_time_seconds{{{labels}}}", "values": start},
+                   {"series": f"vlm_train_grad_norm{{{labels}}}", "values": grad}]
+    checks = [(panel_expr(dashboard, "Worker restarts (1h)"), "{}", 2),
+              (panel_expr(dashboard, "Gradient norm"), '{rank="0"}', 2),
+              (panel_expr(dashboard, "World size (ranks reporting)"), "{}", 1)]
+    tests = {"rule_files": [], "evaluation_interval": "1m", "tests": [{
+        "interval": "15s", "input_series": inputs,
+        "promql_expr_test": [{"expr": e, "eval_time": "4m", "exp_samples": [{"labels": lab, "value": v}]}
+                             for e, lab, v in checks]}]}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(tests))
+    out = subprocess.run([exe, "test", "rules", str(tmp_path / "test.yml")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -1,8 +1,12 @@
-"""The step log: train_log.jsonl's rows and console lines, its bad-sample totals, its truncation on resume."""
+"""The step log: train_log.jsonl's rows and console lines, its bad-sample totals, its truncation on resume.
+
+Each row names the world size and this process's start time, so that `vlm report` can mark
+where a run was resized or restarted even though a restart's log is truncated to its checkpoint."""
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import torch.distributed as dist
 from vlm.observe.metrics import BAD_REASONS
 
 TRAIN_LOG = "train_log.jsonl"
+WORKER_START = time.time()  # a row's "worker_start": a new value is a new (restarted) process
 
 
 def bad_sample_totals(bad_counts: Mapping[str, int], world_size: int) -> dict[str, int]:
@@ -26,11 +31,15 @@ def bad_sample_totals(bad_counts: Mapping[str, int], world_size: int) -> dict[st
 
 def write_step(log, r: dict, *, step: int, steps: int, samples_seen: int, global_batch: int,
                bad: dict[str, int]) -> None:
-    """One row of the step log for a step's record `r` (Trainer.train_step), and its console line."""
+    """One row of the step log for a step's record `r` (Trainer.train_step), and its console
+    line. "world_size" is the process group's (1 without one); logs written before it have
+    neither it nor "worker_start"."""
     rate = global_batch / r["step_s"]
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
     rec = {"step": step, "samples": samples_seen, "lr": r["lr"], "step_s": r["step_s"],
            "data_wait_s": r["wait_s"], "samples_per_s": rate, "grad_norm": r["grad_norm"],
-           **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad}
+           **r["diagnostics"], **{f"loss/{k}": v for k, v in r["losses"].items()}, **bad,
+           "world_size": world_size, "worker_start": WORKER_START}
     log.write(json.dumps(rec) + "\n")
     log.flush()
     print(f"step {step}/{steps} loss {r['losses']['total']:.4f} lr {r['lr']:.2e} "

@@ -6,6 +6,7 @@ worker group minutes later. The engine checks a resumed config again itself
 (vlm.config_changes.check_resume_config), for `python -m vlm.train.trainer` and remote checkpoints."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import tempfile
@@ -16,16 +17,29 @@ from vlm.config_changes import check_resume_config
 
 
 def check_batch(cfg: RunConfig) -> None:
-    """train.global_batch_size must split evenly into micro-batches on every worker."""
+    """train.global_batch_size must split evenly into micro-batches on every worker, at
+    every size an elastic train.num_workers range allows (the run may restart at any)."""
     t = cfg.train
     if t.global_batch_size is None:
         return
-    per_pass = t.micro_batch_size * t.num_workers
-    if t.global_batch_size % per_pass:
+    low, high = t.worker_range()
+    sizes = range(low, high + 1)
+    fits = [n for n in sizes if t.global_batch_size % (t.micro_batch_size * n) == 0]
+    if len(fits) == len(sizes):
+        return
+    if low == high:
+        per_pass = t.micro_batch_size * low
         near = max(per_pass, round(t.global_batch_size / per_pass) * per_pass)
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size × train.num_workers = {t.micro_batch_size} × {t.num_workers} "
+                          f"train.micro_batch_size × train.num_workers = {t.micro_batch_size} × {low} "
                           f"= {per_pass} (e.g. {near})")
+    every = t.micro_batch_size * math.lcm(*sizes)
+    near = max(every, round(t.global_batch_size / every) * every)
+    works = ", ".join(map(str, fits)) if fits else "none"
+    raise ConfigError(f"train.global_batch_size {t.global_batch_size} does not split into micro-batches of "
+                      f"{t.micro_batch_size} at every size of train.num_workers [{low}, {high}]: sizes that "
+                      f"split it: {works}; narrow the range to those, or use a global batch that every size "
+                      f"splits (a multiple of {t.micro_batch_size} × lcm({low}..{high}) = {every}, e.g. {near})")
 
 
 def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:

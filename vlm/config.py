@@ -61,7 +61,9 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
-    num_workers: int = Field(2, ge=1)
+    # a number, or [min, max]: an elastic run starts at whatever size it gets within the
+    # range, shrinks when a node is lost and grows back (global_batch_size then required)
+    num_workers: int | tuple[int, int] = 2
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer states and step in CPU memory
     micro_batch_size: int = Field(64, ge=1)
@@ -84,12 +86,33 @@ class TrainConfig(Strict):
     stop_grace_s: float = Field(60.0, gt=0)
     # `vlm train`: restarts of the worker group after a worker dies (-1: unlimited)
     max_failures: int = Field(3, ge=-1)
+    # an elastic run (num_workers [min, max]) below max: how often Ray Train looks for the
+    # resources to grow back (a resize restarts the group from the newest checkpoint)
+    resize_check_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("train.offload_optimizer needs train.zero_stage 1, 2 or 3")
+        low, high = self.worker_range()
+        if not 1 <= low <= high:
+            shown = self.num_workers if isinstance(self.num_workers, int) else list(self.num_workers)
+            raise ValueError(f"train.num_workers {shown}: a number of workers ≥ 1, "
+                             "or [min, max] with 1 ≤ min ≤ max")
+        if low < high and self.global_batch_size is None:
+            raise ValueError(f"train.num_workers {list(self.num_workers)} is a range: set train.global_batch_size, "
+                             "which every size in it keeps (gradient accumulation is recomputed at each size)")
         return self
+
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; a fixed size n is (n, n)."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range()
+        return low < high
 
     def accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each worker."""

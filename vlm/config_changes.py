@@ -22,7 +22,7 @@ RESUME_CHANGEABLE: tuple[str, ...] = (
     "name", "run_dir", "kernels",
     "train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.checkpoint_dir", "train.num_workers", "train.global_batch_size", "train.grad_accum_steps",
-    "train.threads_per_worker", "train.stop_grace_s", "train.max_failures",
+    "train.threads_per_worker", "train.stop_grace_s", "train.max_failures", "train.resize_check_s",
     "optim.warmup_steps", "optim.min_lr_ratio",
     "model.grad_checkpointing", "model.init_from",
     "data.train_shards", "data.eval_shards", "data.reader.mix.*.shards",

@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
 
     if not args.resume:
         prepare_tokenizer(cfg)
-    with ray_session(args.ray_address, num_cpus=max(cfg.train.num_workers, 1)):
+    with ray_session(args.ray_address, num_cpus=cfg.train.worker_range()[1]):
         # SIGTERM/SIGINT: the workers save and end; a worker that dies: the group restarts
         status = run_supervised(cfg, name=cfg.name, resume=args.resume, max_failures=cfg.train.max_failures)
     print(f"run directory: {cfg.run_dir}")

@@ -106,28 +106,32 @@ def _worker(loop_config: dict) -> None:
 
     stop_key = loop_config.get("stop_key")
     should_stop = (lambda: stop_requested(stop_key)) if stop_key else None
-    resume, starts = _this_start(loop_config, ctx.get_world_rank())
+    resume, starts = _this_start(loop_config, ctx.get_world_rank(), ctx.get_world_size())
     summary = train(config_from_dict(loop_config["config"]), resume=resume, should_stop=should_stop,
-                    on_started=(lambda: _kv_put(f"{stop_key}/starts", str(starts))) if stop_key else None)
+                    on_started=((lambda: _kv_put(f"{stop_key}/starts", f"{starts}:{ctx.get_world_size()}"))
+                                if stop_key else None))
     if stop_key and summary["rank"] == 0:  # for run_supervised: where the run stopped
         _kv_put(f"{stop_key}/result", json.dumps({k: summary[k] for k in ("step", "stopped", "checkpoint")}))
 
 
-def _this_start(loop_config: dict, rank: int) -> tuple[str | None, int]:
+def _this_start(loop_config: dict, rank: int, world_size: int) -> tuple[str | None, int]:
     """(what to resume, which start of the worker group this is). Every start of the group
-    runs the same loop config; the number of the last start that got going is kept under
-    the stop key (written once the engine is built, after collectives every rank joins, so
-    no rank of the first start reads it). A restart resumes the newest checkpoint, never
-    again a tag the first start resumed."""
+    runs the same loop config; the number of the last start that got going, and its size,
+    are kept under the stop key (written once the engine is built, after collectives every
+    rank joins, so no rank of the first start reads it). A restart, after a failure or an
+    elastic resize, resumes the newest checkpoint, never again a tag the first start resumed."""
     stop_key = loop_config.get("stop_key")
     before = _kv_get(f"{stop_key}/starts") if stop_key else None
     if before is None:
         return loop_config["resume"], 1
+    starts, _, size = before.partition(":")
     if rank == 0:
         limit = loop_config.get("max_failures", 0)
-        print(f"worker group failed: restarting (attempt {before} of {'unlimited' if limit == -1 else limit}), "
-              "resuming from the newest checkpoint", flush=True)
-    return "auto", int(before) + 1
+        why = (f"grown from {size} to {world_size} worker(s)" if size and int(size) < world_size else
+               f"after a failure (restart {starts} of {'unlimited' if limit == -1 else limit}), "
+               f"{world_size} worker(s)")
+        print(f"worker group restarted {why}: resuming from the newest checkpoint", flush=True)
+    return "auto", int(starts) + 1
 
 
 def new_stop_key(name: str) -> str:
@@ -177,17 +181,21 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
     # Whether the workers get GPUs is the cluster's business, not the driver's: a job's
     # driver runs on the head, which usually has none.
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 if ray.is_initialized() else torch.cuda.is_available()
-    if stop_key is None and max_failures != 0 and resume in (None, "latest"):
+    if stop_key is None and (max_failures != 0 or cfg.train.elastic) and resume in (None, "latest"):
         # without a stop key every start runs the same loop config: 'auto' starts fresh
-        # when there is no checkpoint and resumes the newest one after a restart
+        # when there is no checkpoint and resumes the newest one after a restart (or a resize)
         resume = "auto"
+    workers = cfg.train.worker_range() if cfg.train.elastic else cfg.train.worker_range()[0]
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume, "max_failures": max_failures,
                            "cwd": os.getcwd(), "env": worker_env(), "stop_key": stop_key},
         torch_config=NodeBoundTorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        # a [min, max] range is Ray Train's elastic mode: it starts at the size it can
+        # place, restarts smaller after a loss and larger when resources return
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1},
+                                     elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
         run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.run_dir).resolve() / "ray"),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     )

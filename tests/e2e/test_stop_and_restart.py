@@ -190,7 +190,7 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(data,
     status = finish(p)
     out = output(d)
     assert status == 0, out[-4000:]
-    assert "restarting (attempt 1 of 3)" in out, out[-4000:]
+    assert "restarted after a failure (restart 1 of 3)" in out, out[-4000:]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+) ", out)]
     assert len(resumed) == 1 and resumed[0] >= EVERY and resumed[0] % EVERY == 0, out[-4000:]
     again = rows(d)

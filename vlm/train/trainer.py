@@ -26,6 +26,7 @@ from vlm.data.batches import BadDataError
 from vlm.eval.runner import EVAL_LOG, append_eval_log, evaluate_distributed, flat_metrics
 from vlm.observe.metrics import TrainMetrics
 from vlm.train.deepspeed_config import deepspeed_config
+from vlm.train.elastic import resize_line
 from vlm.train.init_from import apply_init_from
 from vlm.train.loading import build_loader
 from vlm.train.module import build_pretrainer
@@ -172,6 +173,8 @@ class Trainer:
         else:
             rng.seed_everything(hash((self.cfg.train.seed, self.rank, state["step"])) & 0xFFFF_FFFF)
         self.step, self.samples_seen = state["step"], state["samples_seen"]
+        if (resized := resize_line(state, self.cfg, self.world_size)) is not None:
+            self._say(resized)
         self._say(f"resumed from {ckpt} at step {self.step} (saved by {state['world_size']} worker(s)); "
                   f"optimizer state restored (Adam step {self._optimizer_steps()})")
 

@@ -22,7 +22,7 @@ def scrape(url: str) -> dict[str, float]:
 
 @pytest.fixture
 def metrics(tmp_path):
-    m = TrainMetrics(run="r1", rank=1, host="127.0.0.1", port=0, objectives=["clip_infonce", "siglip"])
+    m = TrainMetrics(run="r1", rank=1, host="127.0.0.1", port=0, objectives=["clip_infonce", "siglip"], world_size=3)
     yield m
     m.close()
 
@@ -32,6 +32,7 @@ def test_record_step_sets_every_training_series(metrics):
     before = scrape(metrics.url)
     lv = 'rank="1",run="r1"'
     assert before[f'vlm_train_loss{{objective="siglip",{lv}}}'] == 0  # present before step 1
+    assert before[f"vlm_train_world_size{{{lv}}}"] == 3
     for step in (1, 2):
         metrics.record_step(step=step, samples=8, step_s=0.5, wait_s=0.1, lr=1e-3, grad_norm=2.5,
                             losses={"clip_infonce": 2.0, "siglip": 1.0, "total": 2.5}, skipped=step == 2,

@@ -255,3 +255,12 @@ def _prepare_clip(cfg, path: Path) -> None:
     if text.context_length != CLIP_CONTEXT_LENGTH:
         print(f"note: model.text.context_length is {text.context_length}: captions get OpenCLIP's ids cut to "
               f"that length; pretrained CLIP weights need {CLIP_CONTEXT_LENGTH}")
+
+
+def load_run_tokenizer(run_dir: Path, context_length: int) -> tuple[str, TextEncoder]:
+    """A run directory's tokenizer: its JSON (saved in every checkpoint) and encoder."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: `vlm train` and `vlm demo` make it (either tokenizer.kind)")
+    text = path.read_text()
+    return text, TextEncoder.from_json(text, context_length)

@@ -77,7 +77,7 @@ class TrainMetrics(Exporter):
     training step as 3x the forward pass."""
 
     def __init__(self, *, run: str, rank: int, host: str, port: int, objectives: list[str],
-                 flops_per_sample: float | None = None, peak_flops: float | None = None):
+                 flops_per_sample: float | None = None, peak_flops: float | None = None, world_size: int = 1):
         self.registry = r = CollectorRegistry()
         labels = ["run", "rank"]
         self._samples = Counter("vlm_train_samples_total", "Training samples consumed", labels, registry=r)
@@ -107,6 +107,8 @@ class TrainMetrics(Exporter):
         self._ckpt_ok = Gauge("vlm_checkpoint_last_success_timestamp_seconds", "Unix time of this worker's "
                               "last successful save (its start before the first)", labels, registry=r)
         self._ckpt_failed = Counter("vlm_checkpoint_failures_total", "Saves that raised", labels, registry=r)
+        self._world = Gauge("vlm_train_world_size", "Workers (ranks) of the run; a change is an elastic "
+                            "resize (train.num_workers [min, max])", labels, registry=r)
         self._started = Gauge("vlm_worker_start_time_seconds", "Unix time this worker process started "
                               "training; a change means the worker restarted", labels, registry=r)
         self._rss = Gauge("vlm_process_resident_memory_bytes", "Resident memory of the worker process",
@@ -120,6 +122,7 @@ class TrainMetrics(Exporter):
         self._lv = lv = (run, str(rank))
         now = time.time()
         self._started.labels(*lv).set(now)
+        self._world.labels(*lv).set(world_size)
         self._last_step.labels(*lv).set(now)
         self._ckpt_ok.labels(*lv).set(now)
         self._rss.labels(*lv).set_function(resident_memory_bytes)

@@ -35,7 +35,7 @@ from vlm.train.rendezvous import ensure_process_group
 from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, truncate_log, write_step
 from vlm.train.stop import StopSignals, leave_process
 from vlm.train.universal import to_universal
-from vlm.data.tokenizer import TOKENIZER_FILE, TextEncoder
+from vlm.data.tokenizer import load_run_tokenizer
 
 EVAL_HEADLINE = ("zeroshot/acc1", "retrieval/text_retrieval_recall@5", "linear_probe/linear_probe_acc1",
                  "dense/dense_miou")
@@ -82,7 +82,7 @@ class Trainer:
         self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
         self.last_checkpoint: str | None = None
 
-        self.tokenizer_json, self.text = self._load_tokenizer()
+        self.tokenizer_json, self.text = load_run_tokenizer(self.run_dir, cfg.model.text.context_length)
         model = build_pretrainer(cfg, self.text.vocab_size)
         if cfg.train.grad_cache and not model.coupled:
             raise ValueError("train.grad_cache is on but no objective is batch-coupled "
@@ -110,14 +110,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
         self.metrics = self._start_metrics() if cfg.metrics.enabled else None
-
-    def _load_tokenizer(self) -> tuple[str, TextEncoder]:
-        """The run directory's tokenizer: its JSON (saved in every checkpoint) and encoder."""
-        tok_path = self.run_dir / TOKENIZER_FILE
-        if not tok_path.is_file():
-            raise FileNotFoundError(f"{tok_path} not found: `vlm train` and `vlm demo` make it (either tokenizer.kind)")
-        tokenizer_json = tok_path.read_text()
-        return tokenizer_json, TextEncoder.from_json(tokenizer_json, self.cfg.model.text.context_length)
 
     def _say(self, message: str) -> None:
         if self.rank == 0:
@@ -189,7 +181,8 @@ class Trainer:
         cfg = self.cfg
         flops = forward_flops_per_sample(cfg, self.text.vocab_size) if self.on_gpu else None
         metrics = TrainMetrics(run=cfg.name, rank=self.rank, host=cfg.metrics.host, port=cfg.metrics.port,
-                               objectives=[o.name for o in cfg.objectives], flops_per_sample=flops)
+                               objectives=[o.name for o in cfg.objectives], flops_per_sample=flops,
+                               world_size=self.world_size)
         metrics.write_endpoint(str(self.run_dir), self.rank)
         print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
         return metrics

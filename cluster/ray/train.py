@@ -127,10 +127,10 @@ def _this_start(loop_config: dict, rank: int, world_size: int) -> tuple[str | No
     starts, _, size = before.partition(":")
     if rank == 0:
         limit = loop_config.get("max_failures", 0)
-        why = (f"grown from {size} to {world_size} worker(s)" if size and int(size) < world_size else
-               f"after a failure (restart {starts} of {'unlimited' if limit == -1 else limit}), "
+        why = (f", grown from {size} to {world_size} worker(s)" if size and int(size) < world_size else
+               f" after a failure (restart {starts} of {'unlimited' if limit == -1 else limit}), "
                f"{world_size} worker(s)")
-        print(f"worker group restarted {why}: resuming from the newest checkpoint", flush=True)
+        print(f"worker group restarted{why}: resuming from the newest checkpoint", flush=True)
     return "auto", int(starts) + 1
 
 

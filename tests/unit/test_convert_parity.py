@@ -242,3 +242,22 @@ def test_a_pickle_with_code_is_refused_unrun(tmp_path, capsys):
                      "--output", str(tmp_path / "out.safetensors")]) == 1
     assert "refusing to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_model_of_the_runs_own_bpe_is_refused_for_hugging_face(tmp_path):
+    """Our BPE ends text with id 2, which CLIPModel reads as 'pool at the highest id': the
+    conversion refuses instead of writing a text tower that pools the wrong token."""
+    import dataclasses
+
+    from vlm.checkpoint.convert import read
+    from vlm.checkpoint.convert_write import write
+    from vlm.data.tokenizer import train_tokenizer
+
+    torch.save(openclip_model(SMALL_VIT, False).state_dict(), tmp_path / "m.pt")
+    convert(tmp_path / "m.pt", "vlm", tmp_path / "m.safetensors")
+    w = read(tmp_path / "m.safetensors")
+    bpe = train_tokenizer([f"a photo of thing {i}" for i in range(200)], vocab_size=300)
+    assert TextEncoder.from_json(bpe.to_str(), 77).eot_id == 2
+    with pytest.raises(ValueError, match="legacy marker"):
+        write(dataclasses.replace(w, tokenizer=bpe.to_str()), "hf", tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -129,6 +129,13 @@ def _write_hf(w: Weights, output: Path, notes: list[str]) -> list[Path]:
         from vlm.data.tokenizer import TextEncoder
 
         eos = TextEncoder.from_json(w.tokenizer, w.model.text.context_length).eot_id
+    if eos == 2 != names_hf.CLIP_EOS:
+        # transformers' CLIPTextTransformer reads eos_token_id 2 as its legacy marker and
+        # pools at each sequence's highest token id instead: the wrong token for this BPE
+        raise ValueError("this model's tokenizer ends text with token id 2, which Hugging Face's CLIPModel "
+                         "takes as its legacy marker for pooling at the highest token id, not at the end "
+                         "token: its text embeddings would be wrong there. Convert a model trained with "
+                         "tokenizer.kind: clip, or use --to openclip")
     config = names_hf.config_from_ours(w.model, logit_scale=float(_scale(w, notes)), eos_token_id=eos)
     state = names_hf.to_hf(_only_towers(w, notes, "Hugging Face"))
     state["logit_scale"] = _scale(w, [])

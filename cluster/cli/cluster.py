@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from cluster.ray.jobs import (connect, find_job, follow, job_record, list_jobs, name_run, newest_checkpoint,
-                              resolve_submission, status_line, stop_job, submit_run)
+                              resolve_submission, status_line, stop_job, submit_run, warn_shared_temp_dirs)
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -90,6 +91,9 @@ def _add_submit(cs, config_args) -> None:
     p.add_argument("--stop-grace", type=float, metavar="SECONDS",
                    help="after `vlm cluster stop`, how long the trainer has to save a final checkpoint "
                    "before it is killed: sets train.stop_grace_s (default: the config's, 60)")
+    p.add_argument("--python", metavar="PATH", help="absolute path of the interpreter the job runs on the "
+                   "cluster's nodes (default: this one, %(default)s; right where the nodes share this "
+                   "machine's environment)", default=sys.executable)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the job and its workers (repeatable)")
     p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only "
@@ -110,13 +114,17 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
 def cmd_submit(args) -> int:
     if args.max_failures < -1:
         raise ValueError(f"--max-failures {args.max_failures}: use -1 (unlimited), 0 or more")
+    if not os.path.isabs(args.python):
+        raise ValueError(f"--python {args.python}: give the interpreter's absolute path on the cluster's nodes "
+                         "(the job runs in a copy of the project, with the node's PATH)")
     cfg, name = resolve_submission(args.config, args.overrides, args.name)
     env = _env_pairs(args.env)
     if args.stop_grace is not None:
         if args.stop_grace <= 0:
             raise ValueError(f"--stop-grace {args.stop_grace:g}: use a positive number of seconds")
         cfg.train.stop_grace_s = args.stop_grace
-    return submit_run(args.address, cfg, name, env=env, max_failures=args.max_failures, wait=args.wait)
+    return submit_run(args.address, cfg, name, env=env, max_failures=args.max_failures, wait=args.wait,
+                      python=args.python)
 
 
 def cmd_status(args) -> int:
@@ -172,8 +180,12 @@ def cmd_run(args) -> int:
     name = name_run(cfg, args.name)
     check_train(cfg, "auto")  # before Ray: the batch, the checkpoint's config, a writable run_dir
     join_for_job()
+    import ray
+
+    warn_shared_temp_dirs(ray.nodes())
     prepare_tokenizer(cfg)
-    print(f"run {name}: {cfg.train.num_workers} worker(s), run directory {cfg.run_dir}, "
+    low, high = cfg.train.worker_range()
+    print(f"run {name}: {low if low == high else f'{low} to {high}'} worker(s), run directory {cfg.run_dir}, "
           f"up to {args.max_failures} restart(s) of the worker group", flush=True)
     # SIGTERM (`vlm cluster stop`) or SIGINT: the workers save and end within train.stop_grace_s
     status = run_supervised(cfg, name=name, resume="auto", max_failures=args.max_failures)

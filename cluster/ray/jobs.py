@@ -2,9 +2,11 @@
 
 A submission packages the project and the resolved run config as a Ray job (Jobs API: a
 runtime_env with a working_dir and environment variables). Its entrypoint is
-`python -m cluster.cli.main cluster run`, which trains under Ray Train with a failure policy
-(see cluster/ray/train.py). The submission id is derived from the run name, so a retried
-submit of a name that is pending, running or succeeded attaches to that job instead of
+`PYTHON -m cluster.cli.main cluster run`, which trains under Ray Train with a failure policy
+(see cluster/ray/train.py). PYTHON is the interpreter of the environment that submits (or
+`--python`), never a bare `python` from the node's PATH: a node started as `.venv/bin/ray
+start` runs its workers in the venv but has the system Python first on PATH. The
+submission id is derived from the run name, so a retried submit of a name that is pending, running or succeeded attaches to that job instead of
 starting a second one; a name whose job failed or stopped gets a new submission id and
 its run resumes from the newest complete checkpoint in the same run directory.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -198,10 +201,23 @@ def resolve_submission(config: str, overrides: list[str], name: str | None):
     return cfg, name
 
 
-def submit_run(address: str, cfg, name: str, *, env: dict[str, str], max_failures: int, wait: bool) -> int:
+def entrypoint(python: str, name: str, max_failures: int) -> str:
+    """The job's shell command: `python` runs `vlm cluster run`; where that interpreter is not
+    on the node the job fails with a message naming it instead of the shell's bare 'not found'."""
+    py = shlex.quote(python)
+    missing = shlex.quote(f"vlm: error: the job interpreter {python} is not an executable on this cluster "
+                          "node: submit from an environment installed at the same path on the nodes, or "
+                          "name their interpreter: vlm cluster submit --python PATH")
+    return (f"if [ ! -x {py} ]; then echo {missing} >&2; exit 127; fi; exec {py} -m cluster.cli.main cluster run "
+            f"--config {JOB_CONFIG} --name {shlex.quote(name)} --max-failures {max_failures}")
+
+
+def submit_run(address: str, cfg, name: str, *, env: dict[str, str], max_failures: int, wait: bool,
+               python: str | None = None) -> int:
     """Submits run `name` (cfg resolved by resolve_submission) as a Ray job, or attaches to
-    its job when one is pending, running or succeeded; prints where to watch it. With
-    `wait`, follows its logs: 0 only when it succeeded."""
+    its job when one is pending, running or succeeded; prints where to watch it. The job
+    runs `python` (default: this process's interpreter). With `wait`, follows its logs: 0
+    only when it succeeded."""
     # the job's driver gives up on the workers after train.stop_grace_s; Ray kills it a little later
     env.setdefault("RAY_JOB_STOP_WAIT_TIME_S", str(math.ceil(cfg.train.stop_grace_s) + STOP_REPORT_S))
     client = connect(address)
@@ -214,10 +230,9 @@ def submit_run(address: str, cfg, name: str, *, env: dict[str, str], max_failure
         return follow(client, job.submission_id) if wait else 0
     sid = submission_id(name, len(previous) + 1)
     staged = stage(cfg, name)
-    entrypoint = (f"python -m cluster.cli.main cluster run --config {JOB_CONFIG} --name {name} "
-                  f"--max-failures {max_failures}")
     try:
-        submit_when_agent_ready(client, entrypoint=entrypoint, submission_id=sid,
+        submit_when_agent_ready(client, entrypoint=entrypoint(python or sys.executable, name, max_failures),
+                                submission_id=sid,
                                 runtime_env={"working_dir": staged, "env_vars": env},
                                 metadata={"vlm_run": name, "run_dir": cfg.run_dir,
                                           "vlm_config": json.dumps(cfg.model_dump(mode="json"))})
@@ -281,6 +296,24 @@ def wait_terminal(client, sid: str, *, timeout: float) -> str:
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(1.0)
+
+
+def warn_shared_temp_dirs(nodes: list[dict]) -> None:
+    """Warns (stderr, the job's log) about live nodes of one machine in one Ray temp dir, as
+    a node started without `ray start --temp-dir` next to the head is: each node's log monitor
+    forwards every worker line of that dir (each printed once per node), and each node's
+    runtime-env agent deletes job working dirs there that it no longer uses, the driver's too."""
+    shared: dict[tuple[str, str], list[str]] = {}
+    for n in nodes:
+        if n.get("Alive") and n.get("ObjectStoreSocketName"):
+            session_dir = str(Path(n["ObjectStoreSocketName"]).parent.parent)
+            shared.setdefault((n["NodeManagerAddress"], session_dir), []).append(n["NodeID"])
+    for (ip, session_dir), ids in shared.items():
+        if len(ids) > 1:
+            print(f"vlm: warning: {len(ids)} Ray nodes on {ip} share one temp dir ({session_dir}): every "
+                  f"worker line is logged {len(ids)} times and a node can delete the job's working dir "
+                  "under its driver; start each node with a `ray start --temp-dir` of its own "
+                  "(deploy/local/README.md)", file=sys.stderr, flush=True)
 
 
 def stop_job(client, j, *, wait: bool, timeout: float) -> int:

@@ -7,10 +7,16 @@
 #   HEAD_CPUS       CPUs the head offers      (1)
 #   METRICS_PORT    Ray's Prometheus metrics  (8080)
 #   AGENT_PORT      dashboard agent's HTTP    (52365)
-#   RAY_TEMP_DIR    sessions and logs         (Ray's default, /tmp/ray)
+#   CLIENT_PORT     Ray Client server         (10001)
+#   RAY_TEMP_DIR    this node's sessions, logs, sockets, job working dirs   (/tmp/ray-vlm-head-$RAY_PORT)
 #   RAY_AUTH_MODE   token, or disabled        (token)
 #   BLOCK           1: stay in the foreground; Ctrl-C stops the head   (0)
 # Then: deploy/local/start-worker.sh, and deploy/local/README.md.
+# Every node on this machine needs a temp dir of its own: a node started without one shares
+# the head's, and then its log monitor forwards every worker's output a second time and its
+# runtime-env agent deletes job working dirs the head's job drivers run in. Keep the path
+# short (Ray puts unix sockets under it, ~100 characters at most). Ray's address file is in
+# it too, so `ray status` needs `--address 127.0.0.1:$RAY_PORT` (and RAY_AUTH_MODE=token).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RAY="${RAY:-$ROOT/.venv/bin/ray}"
@@ -19,7 +25,8 @@ DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 HEAD_CPUS="${HEAD_CPUS:-1}"
 METRICS_PORT="${METRICS_PORT:-8080}"
 AGENT_PORT="${AGENT_PORT:-52365}"
-RAY_TEMP_DIR="${RAY_TEMP_DIR:-}"
+CLIENT_PORT="${CLIENT_PORT:-10001}"
+RAY_TEMP_DIR="${RAY_TEMP_DIR:-/tmp/ray-vlm-head-$RAY_PORT}"
 BLOCK="${BLOCK:-0}"
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 # Training workers started on this machine inherit these: gloo on loopback, and every
@@ -38,10 +45,11 @@ fi
 args=(start --head --node-ip-address=127.0.0.1 --port="$RAY_PORT"
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT"
       --metrics-export-port="$METRICS_PORT" --dashboard-agent-listen-port="$AGENT_PORT"
+      --ray-client-server-port="$CLIENT_PORT" --temp-dir="$RAY_TEMP_DIR"
       --num-cpus="$HEAD_CPUS" --disable-usage-stats)
-if [ -n "$RAY_TEMP_DIR" ]; then args+=(--temp-dir="$RAY_TEMP_DIR"); fi
 if [ "$BLOCK" = 1 ]; then args+=(--block); fi
 echo "+ $RAY ${args[*]}"
 "$RAY" "${args[@]}"
 echo "head: 127.0.0.1:$RAY_PORT; job server and dashboard: http://127.0.0.1:$DASHBOARD_PORT"
+echo "temp dir (sessions, logs): $RAY_TEMP_DIR; status: RAY_AUTH_MODE=$RAY_AUTH_MODE $RAY status --address 127.0.0.1:$RAY_PORT"
 echo "metrics targets: $VLM_METRICS_SD_DIR"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support.rayhead import ray_head
+from support.rayhead import cli_env, ray_head
 from support.shardgen import TINY_MODEL, set_args, write_shards
 from vlm.checkpoint.resolve import resolve
 from vlm.checkpoint.safeload import load_trainer_state
@@ -26,18 +26,9 @@ TINY = [*TINY_MODEL, "train.micro_batch_size=6", "metrics.port=0", "eval.every_s
 WAIT_S = 300  # every poll below is bounded by this
 
 
-def env_for_cli() -> dict[str, str]:
-    # An in-process ray.init elsewhere in the session sets RAY_AUTH_MODE for this process;
-    # drop it so the CLI finds the head's token as a user's shell would. The venv's bin
-    # goes first on PATH: the job's entrypoint runs `python` from the head's environment.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
 @pytest.fixture(scope="module")
 def head():
-    with ray_head(env_for_cli()) as h:
+    with ray_head(cli_env()) as h:
         yield h.dashboard_url
 
 
@@ -50,7 +41,7 @@ def shards(tmp_path_factory):
 
 def vlm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "vlm"), "cluster", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env_for_cli())
+                          timeout=timeout, env=cli_env())
 
 
 def submit(head, name, run_dir, shards, *overrides) -> subprocess.CompletedProcess:
@@ -108,6 +99,7 @@ def test_submit_idempotent_logs_checkpoints_metrics(head, shards, tmp_path):
     assert "submitted vlm-tiny" in first.stdout and str(run_dir) in first.stdout
     again = submit(head, "tiny", run_dir, shards, "train.steps=200", "train.checkpoint_every=50")
     assert "already submitted, not starting another" in again.stdout
+    assert f"exec {BIN}/python" in status(head, "tiny")["entrypoint"]  # the submitter's, not PATH's
 
     # metrics are served by the running workers
     text = wait_for(lambda: (t := scrape(run_dir)) and "vlm_train_steps_total{" in t and t, "rank 0's metrics")
@@ -125,6 +117,8 @@ def test_submit_idempotent_logs_checkpoints_metrics(head, shards, tmp_path):
     assert [j["submission_id"] for j in listed if j["run"] == "tiny"] == ["vlm-tiny"]  # one run
     text = logs(head, "tiny")
     assert "run tiny finished; newest checkpoint step_00000200" in text
+    for step in range(5, 201, 5):  # every worker line once (a node's log monitor forwards only its own)
+        assert text.count(f" step {step}/200 loss ") == 1, text[-3000:]
     assert load_trainer_state(resolve(str(run_dir)))["step"] == 200
     steps = [json.loads(line)["step"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 201, 5))
@@ -172,3 +166,19 @@ def test_stop_ends_stopped_with_final_checkpoint(head, shards, tmp_path):
     wait_for(lambda: "resumed from" in logs(head, "stopped"), "the resubmitted job to resume")
     assert f"at step {at}" in logs(head, "stopped")
     assert vlm("stop", "stopped", "--address", head).returncode == 0
+
+
+def test_the_jobs_interpreter_is_named_when_the_node_lacks_it(head, shards, tmp_path):
+    """The entrypoint runs the submitter's interpreter (the tests above: this venv's, not on
+    PATH) or --python's; one the node lacks fails the job with a message naming it."""
+    missing = "/nonexistent/venv/bin/python"
+    out = vlm("submit", "--address", head, "--config", "configs/demo.yaml", "--name", "nopython",
+              "--python", missing, *set_args(f"run_dir={tmp_path / 'nopython'}", f"data.train_shards={shards}", *TINY))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert wait_status(head, "nopython", set()) == "FAILED"
+    record = status(head, "nopython")
+    assert record["entrypoint"].startswith("if [ ! -x /nonexistent/venv/bin/python ]")
+    assert f"vlm: error: the job interpreter {missing} is not an executable on this cluster node" \
+        in record["message"]
+    relative = vlm("submit", "--address", head, "--config", "configs/demo.yaml", "--python", "python3")
+    assert relative.returncode == 1 and "--python python3: give the interpreter's absolute path" in relative.stderr

@@ -1,9 +1,10 @@
-"""A real `ray start --head` on 127.0.0.1 for the end-to-end tests, and stopping only it.
+"""A real `ray start --head` on 127.0.0.1 for the end-to-end tests, or deploy/local's head
+and worker node, and stopping only them.
 
 Every port is its own (another Ray on this machine, such as a running demo, holds the
 default ones, and the job server needs its own agent), and so is the temp dir (short: Ray
 puts unix sockets under it). `ray stop --force` would kill every Ray of the user on the
-machine; `stop_head` kills this head's processes and their descendants only."""
+machine; `stop_head` kills the processes of this temp dir and their descendants only."""
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,20 @@ from pathlib import Path
 from support.ports import free_port
 
 BIN = Path(sys.executable).parent
+LOCAL = Path(__file__).resolve().parents[2] / "deploy" / "local"
 AGENT_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
                "metrics-export-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a user's shell for `vlm cluster` and the nodes: without the
+    RAY_AUTH_MODE an in-process ray.init of the session sets (the CLI finds the token as a
+    shell would), and without this venv's bin on PATH, so that a job that ran a bare
+    `python` would get another interpreter and fail."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if p and Path(p).resolve() != BIN.resolve())
+    return env
 
 
 @dataclass
@@ -37,6 +50,31 @@ def ray_head(env: dict[str, str], *, num_cpus: int = 2):
                     f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp_dir}", *ports],
                    check=True, env=env, capture_output=True, timeout=120)
     try:
+        yield Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+    finally:
+        stop_head(temp_dir, port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = False):
+    """deploy/local's start-head.sh (1 CPU) and start-worker.sh (2 CPUs), as a user runs them,
+    each node with its own ports and its own temp dir under one of this test's (with
+    `one_temp_dir`, the worker node in the head's, as a `ray start` without --temp-dir)."""
+    temp_dir = tempfile.mkdtemp(prefix="vlmray")
+    port, dash = free_port(), free_port()
+    # without the tests' loopback switch, which makes a head refuse other nodes
+    common = {**{k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"},
+              "RAY": str(BIN / "ray"), "VLM_METRICS_SD_DIR": str(sd_dir)}
+    head = {"RAY_PORT": port, "DASHBOARD_PORT": dash, "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
+            "CLIENT_PORT": free_port(), "RAY_TEMP_DIR": f"{temp_dir}/h"}
+    worker = {"HEAD_ADDRESS": f"127.0.0.1:{port}", "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
+              "RAY_TEMP_DIR": f"{temp_dir}/{'h' if one_temp_dir else 'w'}"}
+    try:
+        for script, params in (("start-head.sh", head), ("start-worker.sh", worker)):
+            res = subprocess.run([str(LOCAL / script)], env={**common, **{k: str(v) for k, v in params.items()}},
+                                 capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0, f"{script}: {res.stdout}{res.stderr}"
         yield Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
     finally:
         stop_head(temp_dir, port)

@@ -463,3 +463,19 @@ def test_readme_commands_exist(readme):
     assert any(re.search(r"\bvlm cluster (submit|status)", ln) for ln in lines)
     for line in lines:
         check_line(line, str(readme.relative_to(ROOT)))
+
+
+def test_local_nodes_have_temp_dirs_of_their_own():
+    """Two nodes in one temp dir delete each other's job working dirs and forward every worker
+    line twice (deploy/local/README.md): each script passes a default of its own node's."""
+    defaults = {}
+    for script in SCRIPTS:
+        text = script.read_text()
+        start = " ".join(re.findall(r"^args\+?=\((.*?)\)", text, re.M | re.S)[0].split())
+        assert '--temp-dir="$RAY_TEMP_DIR"' in start, f"{script.name}: no --temp-dir"
+        defaults[script.name] = re.search(r'^RAY_TEMP_DIR="\$\{RAY_TEMP_DIR:-(\S+)\}"$', text, re.M).group(1)
+    assert defaults == {"start-head.sh": "/tmp/ray-vlm-head-$RAY_PORT",
+                        "start-worker.sh": "/tmp/ray-vlm-worker-$AGENT_PORT"}
+    # the longest unix socket Ray puts there, at the longest port, within AF_UNIX's 107 bytes
+    socket = "/session_2026-12-07_11-44-07_128170_30211/sockets/plasma_store.1"
+    assert all(len(re.sub(r"\$\w+", "65535", d) + socket) < 107 for d in defaults.values())

@@ -10,8 +10,10 @@ import math
 import os
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
+from vlm import rundir
 from vlm.config import ConfigError, RunConfig
 from vlm.config_changes import check_resume_config
 
@@ -45,17 +47,18 @@ def check_batch(cfg: RunConfig) -> None:
 def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:
     """--resume against a local checkpoint directory: a fresh run must not start over
     existing checkpoints; a resume needs a checkpoint (the newest complete one, or the
-    tag), whose saved config may differ from cfg only in RESUME_CHANGEABLE keys. Returns
-    the checkpoint found (None: a fresh run, or one on a remote store, left to the
-    workers, which check it as they load it)."""
-    from vlm.checkpoint.discover import has_checkpoint, read_latest
-    from vlm.checkpoint.layout import is_remote
+    tag), whose saved config may differ from cfg only in RESUME_CHANGEABLE keys (a remote
+    checkpoint directory: only the first). Returns the checkpoint found (None: a fresh run,
+    or one on a remote store, left to the workers, which check it as they load it)."""
+    from vlm.checkpoint.discover import has_checkpoint
+    from vlm.checkpoint.layout import LATEST
     from vlm.checkpoint.resolve import locate
     from vlm.checkpoint.safeload import load_trainer_state
 
     root = cfg.path(cfg.train.checkpoint_dir)
     if not resume:
-        latest = None if is_remote(root) else read_latest(Path(root))
+        latest_file = rundir.join(root, LATEST)
+        latest = rundir.read_text(latest_file).strip() if rundir.exists(latest_file) else None
         if latest is not None:
             raise ConfigError(f"{cfg.run_dir} already has checkpoints in {root} (newest: "
                               f"{latest}): pass --resume latest to continue it, or "
@@ -76,7 +79,11 @@ def check_resume(cfg: RunConfig, resume: str | None) -> Path | None:
 
 def check_run_dir(cfg: RunConfig) -> None:
     """The run directory must take files (tokenizer, logs, metrics targets, checkpoints):
-    created if missing, then a probe file written and removed."""
+    created if missing, then a probe file written and removed. A URL (s3://bucket/run):
+    a probe object written and deleted."""
+    if rundir.is_remote(cfg.run_dir):
+        _check_remote_run_dir(cfg.run_dir)
+        return
     run_dir = Path(cfg.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,17 @@ def check_run_dir(cfg: RunConfig) -> None:
                           "directory this user can write") from None
 
 
+def _check_remote_run_dir(url: str) -> None:
+    probe = rundir.join(url, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        rundir.write_text(probe, "")
+        rundir.remove(probe)
+    except Exception as e:  # noqa: BLE001 - a missing bucket, refused credentials, no s3fs, no endpoint
+        raise ConfigError(f"run_dir {url} is not writable ({type(e).__name__}: {e}): create the bucket, "
+                          "check the credentials and endpoint (AWS_* variables, e.g. AWS_ENDPOINT_URL), "
+                          "or set run_dir to a writable location") from None
+
+
 def check_train(cfg: RunConfig, resume: str | None, *, local: bool = True) -> Path | None:
     """Every check of a training run that can run before Ray starts; ConfigError on the
     first that fails. local=False (a submitter, which may not see the cluster's file
@@ -96,6 +114,10 @@ def check_train(cfg: RunConfig, resume: str | None, *, local: bool = True) -> Pa
     check_batch(cfg)
     if not local:
         return None
+    remote = rundir.is_remote(cfg.run_dir)
+    if remote:  # first: a missing bucket is named before anything is read from it
+        check_run_dir(cfg)
     ckpt = check_resume(cfg, resume)
-    check_run_dir(cfg)
+    if not remote:
+        check_run_dir(cfg)
     return ckpt

@@ -21,9 +21,12 @@ def add_observe_commands(sub, config_args) -> None:
     p = sub.add_parser("report", help="PNG and HTML charts of a run",
                        description="Reads RUN_DIR/train_log.jsonl and, when present, RUN_DIR/eval_log.jsonl; "
                        "writes report.png (loss per objective, throughput, data-wait share, evaluation "
-                       "figures over steps) and a self-contained report.html.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
-    p.add_argument("--output", metavar="DIR", help="where to write them (default: RUN_DIR)")
+                       "figures over steps) and a self-contained report.html. RUN_DIR may be a URL "
+                       "(s3://bucket/run, credentials and endpoint from the AWS variables): the report "
+                       "is then written on this machine.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir): a path or a URL")
+    p.add_argument("--output", metavar="DIR", help="where to write them (default: RUN_DIR; for a URL, "
+                   "./NAME-report with NAME the URL's last component)")
     p.set_defaults(func=cmd_report)
 
 

@@ -177,6 +177,7 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
     'latest' or a tag, for the first start; with a stop_key, a restarted group resumes the
     newest checkpoint ('auto') instead, whatever the first start resumed."""
     from cluster.ray.session import worker_env
+    from vlm.rundir import scratch_dir
 
     # Whether the workers get GPUs is the cluster's business, not the driver's: a job's
     # driver runs on the head, which usually has none.
@@ -196,7 +197,9 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1},
                                      elastic_resize_monitor_interval_s=cfg.train.resize_check_s),
-        run_config=RayRunConfig(name=cfg.name, storage_path=str(Path(cfg.run_dir).resolve() / "ray"),
+        # Ray Train's own bookkeeping (no checkpoint goes through it): beside a local run, in
+        # the driver node's scratch directory for a run_dir on S3
+        run_config=RayRunConfig(name=cfg.name, storage_path=str(scratch_dir(cfg.run_dir).resolve() / "ray"),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     )
     trainer.fit()

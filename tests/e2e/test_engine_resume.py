@@ -17,6 +17,7 @@ import pytest
 
 from support.shardgen import TINY_MODEL, set_args, shards_with_tokenizer
 from support.ports import free_port
+from support.s3 import moto_s3
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -184,28 +185,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(data):
 
 @pytest.fixture(scope="module")
 def s3():
-    pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("ckpts")
-    yield fs, env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+    with moto_s3("ckpts") as (fs, env):
+        yield fs, env
 
 
 def test_checkpoints_on_s3_save_and_resume(data, s3):

@@ -182,7 +182,7 @@ def test_submit_name_decides_run_dir_and_metrics_run_label(fresh, tmp_path):
     assert staged.name == "t7" and staged.run_dir == str(run_dir)
     # the engine's own exporter set-up, on the staged config: the target it announces
     staged.metrics.enabled, staged.metrics.port = True, 0
-    metrics = Trainer._start_metrics(SimpleNamespace(cfg=staged, on_gpu=False, text=None, rank=0,
+    metrics = Trainer._start_metrics(SimpleNamespace(cfg=staged, on_gpu=False, text=None, rank=0, world_size=1,
                                                      run_dir=Path(staged.run_dir)))
     try:
         target = json.loads((run_dir / "metrics" / "targets" / "rank0.json").read_text())

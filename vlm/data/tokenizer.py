@@ -20,6 +20,8 @@ import ftfy
 import torch
 from tokenizers import Encoding, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from vlm import rundir
+
 PAD, SOT, EOT = "<pad>", "<sot>", "<eot>"
 TOKENIZER_FILE = "tokenizer.json"  # in the run directory
 
@@ -172,16 +174,15 @@ class TextEncoder:
 
 def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequency: int,
                      extra_words: Iterable[str] = ()) -> bool:
-    """Trains the run's tokenizer on the captions of `shards_dir` unless `out_path` exists.
-    `extra_words` are words training will write into captions that the shards may lack (the
-    colour augmentation's names): each is shown often enough to become one token.
-    Returns True when it trained one."""
+    """Trains the run's tokenizer on the captions of `shards_dir` unless `out_path` (a path
+    or a URL: vlm.rundir) exists. `extra_words` are words training will write into
+    captions that the shards may lack (the colour augmentation's names): each is shown
+    often enough to become one token. Returns True when it trained one."""
     import itertools
 
     from data_pipeline.shards.samples import iter_tar_samples, list_shards
 
-    out_path = Path(out_path)
-    if out_path.is_file():
+    if rundir.exists(out_path):
         return False
     captions = (s.get("txt", "") for shard in list_shards(shards_dir) for s in iter_tar_samples(shard))
     extra = [f"a {w}" for w in extra_words] * max(100, min_frequency)
@@ -190,11 +191,8 @@ def ensure_tokenizer(shards_dir: str, out_path, *, vocab_size: int, min_frequenc
     return True
 
 
-def _write(path: Path, tok: Tokenizer) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tok.to_str())
-    tmp.replace(path)
+def _write(path: str | Path, tok: Tokenizer) -> None:
+    rundir.write_text(path, tok.to_str())
 
 
 def prepare_tokenizer(cfg) -> None:
@@ -203,16 +201,16 @@ def prepare_tokenizer(cfg) -> None:
     (plus the colour augmentation's words), for "clip" CLIP's; says so when it makes one.
     A clip run whose model.text.context_length is not 77 gets OpenCLIP's ids at that length
     (its tokenizer takes a context length too): said here, as pretrained CLIP weights need 77."""
-    path = Path(cfg.run_dir) / TOKENIZER_FILE
+    path = rundir.join(cfg.run_dir, TOKENIZER_FILE)  # the run directory may be a URL
     kind = cfg.tokenizer.kind
-    if not path.is_file() and (cfg.model.init_from or "").startswith("vlm:"):
+    if not rundir.exists(path) and (cfg.model.init_from or "").startswith("vlm:"):
         source = init_tokenizer(cfg.model.init_from[len("vlm:"):])
         if (have := tokenizer_kind(source)) != kind:
             raise ValueError(f"model.init_from {cfg.model.init_from} was trained with a {have} tokenizer: "
                              f"set tokenizer.kind: {have}")
         _write(path, source)
         print(f"copied the tokenizer of model.init_from {cfg.model.init_from}: {path}")
-    if path.is_file() and (have := tokenizer_kind(Tokenizer.from_file(str(path)))) != kind:
+    if rundir.exists(path) and (have := tokenizer_kind(Tokenizer.from_str(rundir.read_text(path)))) != kind:
         raise ValueError(f"{path} is a {have} tokenizer but tokenizer.kind is {kind}: "
                          "set tokenizer.kind to match, or use another run directory")
     if kind == "clip":
@@ -244,12 +242,12 @@ def init_tokenizer(source: str) -> Tokenizer:
     raise FileNotFoundError(f"model.init_from {source}: no {TOKENIZER_FILE} in the run directory")
 
 
-def _prepare_clip(cfg, path: Path) -> None:
+def _prepare_clip(cfg, path: str) -> None:
     text = cfg.model.text
     if text.vocab_size not in (None, CLIP_VOCAB_SIZE):
         raise ValueError(f"tokenizer.kind clip has {CLIP_VOCAB_SIZE} tokens but model.text.vocab_size is "
                          f"{text.vocab_size}: leave it unset (null) or set it to {CLIP_VOCAB_SIZE}")
-    if not path.is_file():
+    if not rundir.exists(path):
         _write(path, clip_tokenizer())
         print(f"wrote CLIP's tokenizer (open_clip_torch's {CLIP_VOCAB_FILE}): {path}")
     if text.context_length != CLIP_CONTEXT_LENGTH:
@@ -257,10 +255,12 @@ def _prepare_clip(cfg, path: Path) -> None:
               f"that length; pretrained CLIP weights need {CLIP_CONTEXT_LENGTH}")
 
 
-def load_run_tokenizer(run_dir: Path, context_length: int) -> tuple[str, TextEncoder]:
-    """A run directory's tokenizer: its JSON (saved in every checkpoint) and encoder."""
-    path = Path(run_dir) / TOKENIZER_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: `vlm train` and `vlm demo` make it (either tokenizer.kind)")
-    text = path.read_text()
+def load_run_tokenizer(run_dir: str | Path, context_length: int) -> tuple[str, TextEncoder]:
+    """A run directory's (a path or a URL) tokenizer: its JSON (saved in every checkpoint) and encoder."""
+    path = rundir.join(run_dir, TOKENIZER_FILE)
+    try:
+        text = rundir.read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"{path} not found: `vlm train` and `vlm demo` make it "
+                                "(either tokenizer.kind)") from None
     return text, TextEncoder.from_json(text, context_length)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from vlm import rundir
 from vlm.config import EvalConfig, RunConfig
 from vlm.data.tokenizer import TextEncoder
 from vlm.eval.context import EvalContext
@@ -138,12 +139,11 @@ def evaluate_distributed(model: CLIP, text: TextEncoder, cfg: RunConfig, data: s
                           rank=rank, world_size=world_size)
 
 
-def append_eval_log(run_dir: str | Path, step: int, results: dict) -> Path:
-    """Appends {"step", "time", **results} as one line of run_dir/eval_log.jsonl (rank 0 only)."""
-    path = Path(run_dir) / EVAL_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps({"step": step, "time": time.time(), **results}) + "\n")
+def append_eval_log(run_dir: str | Path, step: int, results: dict) -> str:
+    """Appends {"step", "time", **results} as one line of run_dir/eval_log.jsonl (rank 0
+    only); run_dir may be a URL (vlm.rundir). Returns the log's path or URL."""
+    path = rundir.join(run_dir, EVAL_LOG)
+    rundir.append_text(path, json.dumps({"step": step, "time": time.time(), **results}) + "\n")
     return path
 
 

@@ -209,19 +209,18 @@ class TrainMetrics(Exporter):
         """Records where this rank serves: `{run_dir}/metrics/rank{rank}.json` for tools and
         tests, and a file_sd target `{run_dir}/metrics/targets/rank{rank}.json` (also in
         $VLM_METRICS_SD_DIR when set) labelled run and rank, removed again by close(), so
-        a target left behind is a worker that died."""
-        d = os.path.join(run_dir, "metrics")
-        os.makedirs(d, exist_ok=True)
-        path = os.path.join(d, f"rank{rank}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"rank": rank, "url": self.url, "pid": os.getpid()}, f)
-        os.replace(tmp, path)
+        a target left behind is a worker that died. A remote run_dir (a URL: vlm.rundir)
+        gets rank{rank}.json; the targets, which Prometheus reads as local files, go to the
+        run's local scratch directory (and $VLM_METRICS_SD_DIR). Returns rank{rank}.json's
+        path or URL."""
+        from vlm import rundir
+
+        path = rundir.join(run_dir, "metrics", f"rank{rank}.json")
+        rundir.write_text(path, json.dumps({"rank": rank, "url": self.url, "pid": os.getpid()}))
         labels = {"run": self.run, "rank": str(rank)}
         address = target_address(self.host, self.port)
-        targets = [(os.path.join(d, TARGETS_DIR), f"rank{rank}.json")]
+        targets = [(os.path.join(rundir.scratch_dir(run_dir), "metrics", TARGETS_DIR), f"rank{rank}.json")]
         if os.environ.get(SD_DIR_ENV):
             targets.append((os.environ[SD_DIR_ENV], f"train-{self.run}-rank{rank}.json"))
         self._sd_paths = [write_sd_target(os.path.join(dd, name), address, labels) for dd, name in targets]
         return path
-

@@ -3,7 +3,10 @@ PNG charts and an HTML page.
 
 A restarted run logs the steps since its checkpoint again (logs written before
 vlm.train.steplog.truncate_log still hold both attempts): the report keeps one point per
-step, the last record of it, and marks the restarts and the world-size changes."""
+step, the last record of it, and marks the restarts and the world-size changes.
+
+The run directory may be a URL (s3://bucket/run: vlm.rundir); its report is then written
+locally, by default into ./{the run's name}-report/."""
 from __future__ import annotations
 
 import json
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import matplotlib
 
+from vlm import rundir
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -19,12 +24,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 TRAIN_LOG, EVAL_LOG = "train_log.jsonl", "eval_log.jsonl"  # as written by vlm.train.trainer and vlm.eval.runner
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSON-lines log; a torn last line (a run still writing) is skipped."""
-    if not path.is_file():
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log (a path or a URL); a torn last line (a run still
+    writing) is skipped."""
+    try:
+        text = rundir.read_text(path)
+    except (FileNotFoundError, IsADirectoryError):
         return []
     recs = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
@@ -142,7 +150,7 @@ def _summary(train: list[dict], rows: int, marks: list[Mark]) -> str:
             + (f"<h2>Restarts and resizes</h2><ul>{items}</ul>" if marks else ""))
 
 
-def _html(run_dir: Path, png: Path, train: list[dict], evals: dict, summary: str) -> str:
+def _html(run_dir: str, png: Path, train: list[dict], evals: dict, summary: str) -> str:
     import base64
     import html
 
@@ -162,17 +170,25 @@ def _html(run_dir: Path, png: Path, train: list[dict], evals: dict, summary: str
             f"<h2>Last training record</h2><table>{rows}</table>{eval_table}</body></html>")
 
 
+def default_out_dir(run_dir: str | Path) -> Path:
+    """Where a report goes unless told: the run directory, or for a remote one (a URL)
+    ./{its last path component}-report, on this machine."""
+    if not rundir.is_remote(str(run_dir)):
+        return Path(run_dir)
+    return Path(f"{str(run_dir).rstrip('/').rsplit('/', 1)[-1]}-report")
+
+
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
     """report.png (loss per objective, throughput, data-wait share, evaluation figures over
     steps, restarts and resizes marked) and a self-contained report.html embedding it;
-    returns both paths."""
-    run_dir = Path(run_dir)
-    out_dir = Path(out_dir) if out_dir else run_dir
-    rows = read_jsonl(run_dir / TRAIN_LOG)
+    returns both paths (local: see default_out_dir)."""
+    run_dir = str(run_dir)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(run_dir)
+    rows = read_jsonl(rundir.join(run_dir, TRAIN_LOG))
     if not rows:
-        raise FileNotFoundError(f"{run_dir / TRAIN_LOG} is missing or holds no training records")
+        raise FileNotFoundError(f"{rundir.join(run_dir, TRAIN_LOG)} is missing or holds no training records")
     train, marks = one_per_step(rows)
-    evals = eval_series(read_jsonl(run_dir / EVAL_LOG))
+    evals = eval_series(read_jsonl(rundir.join(run_dir, EVAL_LOG)))
     out_dir.mkdir(parents=True, exist_ok=True)
     png, page = out_dir / "report.png", out_dir / "report.html"
     fig = plot_report(train, evals, marks)

@@ -5,7 +5,6 @@ where a run was resized or restarted even though a restart's log is truncated to
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from vlm import rundir
 from vlm.observe.metrics import BAD_REASONS
 
 TRAIN_LOG = "train_log.jsonl"
@@ -46,19 +46,18 @@ def write_step(log, r: dict, *, step: int, steps: int, samples_seen: int, global
           f"{rate:.0f} samples/s", flush=True)
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Drops the rows of a JSON-lines log past `step` (and a line cut short by a kill),
-    atomically: the log keeps exactly one row per step however often a run resumes."""
-    if not path.is_file():
+def truncate_log(path: str | Path, step: int) -> None:
+    """Drops the rows of a JSON-lines log (a path or a URL: vlm.rundir) past `step` (and a
+    line cut short by a kill), atomically: the log keeps exactly one row per step however
+    often a run resumes."""
+    if not rundir.exists(path):
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in rundir.read_text(path).splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    rundir.write_text(path, "".join(kept))

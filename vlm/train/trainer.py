@@ -18,6 +18,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 import torch.distributed as dist
 
+from vlm import rundir
 from vlm.checkpoint import discover, layout, resolve, rng, safeload, store
 from vlm.train import gradcache
 from vlm.config import RunConfig, dump_config
@@ -71,16 +72,15 @@ class Trainer:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.set_num_threads(cfg.train.threads_per_worker)
         rng.seed_everything(cfg.train.seed + self.rank)
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir, self.scratch = cfg.run_dir, rundir.scratch_dir(cfg.run_dir)  # a path or URL; local scratch
         self.ckpt_root = cfg.path(cfg.train.checkpoint_dir)
         self.on_gpu = torch.cuda.is_available()
         self.accum = cfg.train.accum_steps(self.world_size)
         self.global_batch = cfg.train.micro_batch_size * self.accum * self.world_size
-        self.stop_requested, self.stop_reason = False, ""
-        self.should_stop = should_stop
+        self.stop_requested, self.stop_reason, self.should_stop = False, "", should_stop
         self.signals: list[int] = []  # signals received by this process (main thread only)
         self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
-        self.last_checkpoint: str | None = None
+        self.last_checkpoint, self.log = None, None  # the tag saved last; rank 0's step log (a RunLog) in run()
 
         self.tokenizer_json, self.text = load_run_tokenizer(self.run_dir, cfg.model.text.context_length)
         model = build_pretrainer(cfg, self.text.vocab_size)
@@ -107,8 +107,7 @@ class Trainer:
         if resume:
             self._restore(self._to_universal(ckpt, state) if universal else ckpt, state)
         elif self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            rundir.write_text(rundir.join(self.run_dir, "config.yaml"), dump_config(cfg))
         self.metrics = self._start_metrics() if cfg.metrics.enabled else None
 
     def _say(self, message: str) -> None:
@@ -124,18 +123,24 @@ class Trainer:
 
     def _locate(self, resume: str) -> tuple[Path, dict]:
         """--resume latest|TAG|PATH -> (a verified local checkpoint dir, its trainer state).
-        Rank 0 resolves (downloading a remote one into {run_dir}/.ckpt_cache) and tells the
-        others, so every rank loads the same checkpoint even when it falls back."""
-        found: tuple[str | None, str | None] = (None, None)
+        Rank 0 resolves and tells the others, so every rank loads the same checkpoint even when
+        it falls back; a remote one is downloaded into {scratch}/.ckpt_cache on every node."""
+        cache, found = self.scratch / ".ckpt_cache", (None, None, None)
         if self.rank == 0:
             try:
-                path = resolve.locate(resume, self.ckpt_root, cache=self.run_dir / ".ckpt_cache", warn=self._say)
-                found = (str(path), None)
+                p = resolve.locate(resume, self.ckpt_root, cache=cache, warn=self._say)
+                url = resume.rstrip("/").rsplit("/", 1)[0] if layout.is_remote(resume) else self.ckpt_root
+                found = (str(p), None, url if p.parent == cache else None)
             except (FileNotFoundError, ValueError) as e:
-                found = (None, str(e))
-        path, error = self._broadcast(found)
+                found = (None, str(e), None)
+        path, error, url = self._broadcast(found)
         if error:
             raise FileNotFoundError(error)
+        if url is not None:  # downloaded: each node gets its own copy (no shared file system needed)
+            path = str(cache / Path(path).name)
+            if self.local_rank == 0 and self.rank != 0:
+                resolve.fetch_remote(url, Path(path).name, cache, warn=self._say)
+            self._broadcast(None)  # a barrier: a node's copy is whole before its ranks read it
         state = safeload.load_trainer_state(Path(path))
         check_resume_config(state.get("config"), self.cfg, checkpoint=path)  # every rank: all stop together
         return Path(path), state
@@ -143,7 +148,7 @@ class Trainer:
     def _to_universal(self, ckpt: Path, state: dict) -> Path:
         """A ZeRO checkpoint saved at another world size -> DeepSpeed's universal format
         (converted once per node, cached beside the run), which it loads at any size."""
-        out = self.run_dir / ".universal" / ckpt.name
+        out = self.scratch / ".universal" / ckpt.name
         if self.local_rank == 0 and not (out / "zero").is_dir():
             self._say(f"checkpoint {ckpt.name} was saved by {state['world_size']} worker(s), this run has "
                       f"{self.world_size}: converting it to DeepSpeed's universal format in {out}")
@@ -183,7 +188,7 @@ class Trainer:
         metrics = TrainMetrics(run=cfg.name, rank=self.rank, host=cfg.metrics.host, port=cfg.metrics.port,
                                objectives=[o.name for o in cfg.objectives], flops_per_sample=flops,
                                world_size=self.world_size)
-        metrics.write_endpoint(str(self.run_dir), self.rank)
+        metrics.write_endpoint(self.run_dir, self.rank)
         print(f"rank {self.rank}: Prometheus metrics at {metrics.url}", flush=True)
         return metrics
 
@@ -250,12 +255,14 @@ class Trainer:
         """Collective. Training stalls for the duration, exported as
         vlm_checkpoint_save_duration_seconds and printed."""
         t0 = time.perf_counter()
+        if self.log is not None:  # a remote log is uploaded before every checkpoint: no gap on resume
+            self.log.sync()
         shared = store.shared_state(step=self.step, samples_seen=self.samples_seen,
                                     config=self.cfg.model_dump(mode="json"), tokenizer=self.tokenizer_json,
                                     world_size=self.world_size, zero_stage=self.cfg.train.zero_stage)
         path = store.save(self.engine, self.ckpt_root, step=self.step, shared_state=shared,
                           rank_state=store.rank_state(self.loader.state_dict()),
-                          staging=self.run_dir / ".ckpt_staging")
+                          staging=self.scratch / ".ckpt_staging")
         stall = time.perf_counter() - t0
         self.last_checkpoint = layout.tag_for_step(self.step)
         if self.metrics:
@@ -308,8 +315,8 @@ class Trainer:
         cfg = self.cfg
         if self.rank == 0:
             for name in (TRAIN_LOG, EVAL_LOG):
-                truncate_log(self.run_dir / name, self.step)
-        log = open(self.run_dir / TRAIN_LOG, "a") if self.rank == 0 else None
+                truncate_log(rundir.join(self.run_dir, name), self.step)
+        log = self.log = rundir.open_log(self.run_dir, TRAIN_LOG) if self.rank == 0 else None
         last_saved, stopped = self.step, False
         signals = StopSignals(self._on_sigterm, cfg.train.stop_grace_s, self.rank).install()
         try:

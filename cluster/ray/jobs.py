@@ -142,7 +142,10 @@ def name_run(cfg, name: str | None) -> str:
     cfg.data.eval_shards = cfg.path(cfg.data.eval_shards)
     for source in cfg.data.reader.mix:
         source.shards = cfg.path(source.shards)
-    cfg.name, cfg.run_dir = name, str(Path(cfg.run_dir).parent / name)
+    from vlm import rundir
+
+    parent = cfg.run_dir.rstrip("/").rsplit("/", 1)[0] if rundir.is_remote(cfg.run_dir) else Path(cfg.run_dir).parent
+    cfg.name, cfg.run_dir = name, rundir.join(parent, name)
     return name
 
 
@@ -152,12 +155,31 @@ def _previous_config(cfg, previous: list) -> tuple[dict | None, str]:
     meta = (previous[-1].metadata or {}) if previous else {}
     if meta.get("vlm_config"):
         return json.loads(meta["vlm_config"]), f"job {previous[-1].submission_id}"
-    saved = Path(cfg.run_dir) / "config.yaml"
-    if saved.is_file():
-        import yaml
+    import yaml
 
-        return yaml.safe_load(saved.read_text()), str(saved)
-    return None, ""
+    saved = _read_run_file(cfg.run_dir, "config.yaml")
+    return (yaml.safe_load(saved), rundir_join(cfg.run_dir, "config.yaml")) if saved is not None else (None, "")
+
+
+def rundir_join(run_dir: str, *names: str) -> str:
+    from vlm import rundir
+
+    return rundir.join(run_dir, *names)
+
+
+def _read_run_file(run_dir: str, *names: str) -> str | None:
+    """A file of a run directory (a path or a URL) as text; None when it is not there or,
+    for a run directory on an object store, cannot be read from here (said on stderr)."""
+    from vlm import rundir
+
+    path = rundir.join(run_dir, *names)
+    try:
+        return rundir.read_text(path) if rundir.exists(path) else None
+    except Exception as e:  # an object store without credentials here: botocore's errors are no OSError
+        if not rundir.is_remote(path):
+            raise
+        print(f"vlm: warning: cannot read {path} from here ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
 
 
 def check_resubmission(cfg, name: str, previous: list) -> None:
@@ -253,8 +275,8 @@ def _print_submitted(cfg, name: str, sid: str, *, resumes: bool) -> None:
     print(f"  run directory: {cfg.run_dir}")
     ports = f"port {cfg.metrics.port} + rank" if cfg.metrics.port else "a free port"
     print(f"  metrics: each worker serves Prometheus metrics on {ports}, written to "
-          f"{Path(cfg.run_dir) / 'metrics'}/rank*.json and announced as file_sd targets in "
-          f"{Path(cfg.run_dir) / 'metrics' / 'targets'}/ (`vlm monitor {cfg.run_dir}` scrapes them)")
+          f"{rundir_join(cfg.run_dir, 'metrics')}/rank*.json and announced as file_sd targets in "
+          f"{rundir_join(cfg.run_dir, 'metrics', 'targets')}/ (`vlm monitor {cfg.run_dir}` scrapes them)")
     print(f"  watch: vlm cluster status {name} / vlm cluster logs {name} --follow; stop: vlm cluster stop {name}")
 
 
@@ -350,5 +372,5 @@ def list_jobs(client, *, every: bool = False) -> list[dict]:
 def newest_checkpoint(j) -> str | None:
     """The tag in the job's run_dir/checkpoints/latest, when the run directory is visible here."""
     run_dir = (j.metadata or {}).get("run_dir")
-    latest = Path(run_dir, "checkpoints", "latest") if run_dir else None
-    return latest.read_text().strip() if latest is not None and latest.is_file() else None
+    latest = _read_run_file(run_dir, "checkpoints", "latest") if run_dir else None
+    return latest.strip() if latest is not None else None

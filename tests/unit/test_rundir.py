@@ -168,3 +168,25 @@ def test_clip_tokenizer_prepared_in_and_loaded_from_a_remote_run_dir(s3):
     prepare_tokenizer(load_config(None, [f"run_dir={url}", "tokenizer.kind=clip"]))
     text, encoder = load_run_tokenizer(url, 77)
     assert encoder.vocab_size == CLIP_VOCAB_SIZE and json.loads(text)
+
+
+def test_cluster_jobs_read_a_run_on_s3(s3):
+    """`vlm cluster submit --name` derives a sibling URL, a resubmission compares the run's
+    config.yaml in the bucket, and `status` reads the newest checkpoint from it."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from cluster.ray.jobs import _previous_config, name_run, newest_checkpoint
+    from vlm.config import load_config
+
+    _, url = s3
+    cfg = load_config(None, [f"run_dir={url}/demo"])
+    assert name_run(cfg, "other") == "other" and cfg.run_dir == f"{url}/other"
+    assert _previous_config(cfg, []) == (None, "")
+    rundir.write_text(rundir.join(cfg.run_dir, "config.yaml"), yaml.safe_dump({"name": "other"}))
+    assert _previous_config(cfg, []) == ({"name": "other"}, f"{url}/other/config.yaml")
+    job = SimpleNamespace(metadata={"run_dir": cfg.run_dir})
+    assert newest_checkpoint(job) is None
+    rundir.write_text(rundir.join(cfg.run_dir, "checkpoints", "latest"), "step_00000012\n")
+    assert newest_checkpoint(job) == "step_00000012"

@@ -198,6 +198,9 @@ class DataConfig(Strict):
     # among a rank's last bad_sample_window samples read ends the run, naming the shards.
     max_bad_sample_ratio: float = Field(0.5, gt=0, le=1)
     bad_sample_window: int = Field(1000, ge=1)
+    # each rank logs the samples of every step to {run_dir}/sample_ids/ (vlm.train.sample_ids):
+    # an audit that an epoch's samples are each seen once across restarts and resizes
+    log_sample_ids: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from vlm.checkpoint.layout import durable_write, is_remote
 
-__all__ = ["RunLog", "append_text", "exists", "is_remote", "join", "open_log", "read_text", "remove",
+__all__ = ["RunLog", "append_text", "exists", "is_remote", "join", "list_names", "open_log", "read_text", "remove",
            "scratch_dir", "write_text"]
 
 SCRATCH_ROOT = "vlm-cache"  # under tempfile.gettempdir(), for remote run directories
@@ -92,6 +92,19 @@ def remove(path: str | Path) -> None:
         fs.rm_file(p)
     except FileNotFoundError:
         pass
+
+
+def list_names(path: str | Path) -> list[str]:
+    """The names of the files directly in directory `path`, sorted; [] when there is none."""
+    path = str(path)
+    if not is_remote(path):
+        return sorted(p.name for p in Path(path).iterdir() if p.is_file()) if Path(path).is_dir() else []
+    fs, p = _fs(path)
+    try:
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(p, detail=True, refresh=True)
+                      if e["type"] == "file")
+    except FileNotFoundError:
+        return []
 
 
 def append_text(path: str | Path, text: str) -> None:

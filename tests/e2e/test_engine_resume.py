@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 # world size (and the loss comparable); it learns visibly within 16 steps
 BASE = [*TINY_MODEL, "train.micro_batch_size=16", "train.global_batch_size=32", "train.grad_cache=true",
         "optim.lr=3e-3", "optim.warmup_steps=3", "train.log_every=1", "metrics.enabled=false",
-        "eval.every_steps=0", "train.zero_stage=2", "train.keep_checkpoints=0"]
+        "eval.every_steps=0", "train.zero_stage=2", "train.keep_checkpoints=0", "data.log_sample_ids=true"]
 STEPS, EVERY = 16, 6
+SAMPLES = 480  # in `data`: an epoch is 15 steps of 32
 
 
 def launch(run_dir: Path, data: Path, world: int, *sets: str, resume: str | None = None,
@@ -72,6 +74,23 @@ def losses(run_dir: Path) -> dict[int, float]:
         rec = json.loads(line)
         out[rec["step"]] = rec["loss/total"]
     return out
+
+
+def epoch_counts(run_dir: Path) -> dict[str, Counter]:
+    """Epoch -> how often each sample was trained on, from every rank's sample-id log
+    (data.log_sample_ids); also checks that each step has one row per rank of its size."""
+    counts: dict[str, Counter] = {}
+    rows: dict[int, list[dict]] = {}
+    for f in (run_dir / "sample_ids").glob("rank*.jsonl"):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row["step"], []).append(row)
+            for sample in row["samples"]:
+                epoch, _, name = sample.partition(" ")
+                counts.setdefault(epoch, Counter())[name] += 1
+    for step, of_step in rows.items():
+        assert sorted(r["rank"] for r in of_step) == list(range(of_step[0]["world_size"])), (step, of_step)
+    return counts
 
 
 def new_run(tmp: Path, name: str, tokenizer: Path) -> Path:
@@ -129,6 +148,9 @@ def test_sigkill_then_resume_follows_the_uninterrupted_trajectory_bitwise(data, 
     assert sorted(again) == list(range(1, STEPS + 1))
     for step in range(saved + 1, STEPS + 1):  # after the resume: the same floats
         assert again[step] == whole[step], f"step {step}: {again[step]!r} != {whole[step]!r}"
+    # the sample-id logs lost the killed steps past the checkpoint: the same samples, once each
+    assert epoch_counts(d) == epoch_counts(uninterrupted)
+    assert sum(epoch_counts(d)["0"].values()) == SAMPLES
     assert whole[STEPS] < whole[1]
 
 
@@ -141,12 +163,22 @@ def test_resume_at_another_world_size_carries_the_optimizer_state(data, uninterr
     else:
         d = new_run(root, "grow", tok)
         run(d, shards, 1, f"train.steps={STEPS}", f"train.checkpoint_every={STEPS}")
-    start = STEPS
-    out = run(d, shards, after, f"train.steps={start + 4}", resume="latest")
+    # past the end of the second epoch: the re-split rest of an epoch need not divide evenly
+    # among the new ranks, so one may begin the next epoch a step or two before another
+    start, end = STEPS, 2 * SAMPLES // 32 + 2
+    out = run(d, shards, after, f"train.steps={end}", resume="latest")
     assert f"saved by {before} worker(s)" in out and "universal format" in out
     assert f"optimizer state restored (Adam step {start})" in out
+    assert f"resize: world size {before} -> {after} at step {start}: " in out
+    assert "global batch 32 unchanged" in out
     curve = losses(d)
-    assert sorted(curve)[-1] == start + 4
+    assert sorted(curve) == list(range(1, end + 1))
+    # the epoch the resize split: the rest re-split among the new ranks, each sample once
+    counts = epoch_counts(d)
+    assert sorted(counts) == ["0", "1", "2"]
+    for epoch, seen in counts.items():
+        assert set(seen.values()) == {1}, (epoch, seen.most_common(3))  # none twice in an epoch
+        assert epoch == "2" or len(seen) == SAMPLES, (epoch, len(seen))  # and none skipped
     learned = curve[1] - curve[start]
     assert learned > 0.3, curve  # it trained, so a restart from scratch would show
     # continuous: the step after the change stays near where the run was, not back at the start

@@ -46,6 +46,9 @@ def test_whole_file_read_write_exists_remove(where, tmp_path, request):
     rundir.append_text(rundir.join(base, "log.jsonl"), "1\n")
     rundir.append_text(rundir.join(base, "log.jsonl"), "2\n")
     assert rundir.read_text(rundir.join(base, "log.jsonl")) == "1\n2\n"
+    assert rundir.list_names(base) == ["log.jsonl"]  # files only, not the directory "sub"
+    assert rundir.list_names(rundir.join(base, "sub")) == ["config.yaml"]
+    assert rundir.list_names(rundir.join(base, "none")) == []
     rundir.remove(path)
     rundir.remove(path)  # nothing there: no error
     assert not rundir.exists(path)

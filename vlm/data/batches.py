@@ -113,6 +113,15 @@ def image_id(sample: dict) -> int:
     return label_id(digest)
 
 
+def sample_id(sample: dict) -> str:
+    """"EPOCH SHARD/KEY": which sample of which pass over the data (the shard reader's
+    "__epoch__", or "d" and its draw number when it resamples; the shard's file name), for
+    the sample-id log (data.log_sample_ids)."""
+    epoch = sample.get("__epoch__", f"d{sample.get('__draw__', '')}")
+    shard = str(sample.get("__shard__", "?")).rstrip("/").rsplit("/", 1)[-1]
+    return f"{epoch} {shard}/{sample.get('__key__')}"
+
+
 def region_fields(samples: list[dict], text: TextEncoder) -> dict[str, torch.Tensor]:
     """Each sample's metadata "regions" ([{"box": [x0, y0, x1, y1] in fractions of the image
     side, "phrase": str}, ...]) -> "boxes" [B, R, 4], "box_valid" [B, R] bool, "phrase_ids"
@@ -150,8 +159,8 @@ class BatchLoader:
     """One reader slot's batches, made on the CPU (in a data worker process, vlm.data.loader):
     {"images": [B, S, S, 3] uint8, "tokens": [B, L], "eot_index": [B], "labels": [B]}.
     `needs` (the union of the objectives' needs) adds fields only when asked for:
-    "image_ids" [B] (see image_id) and, for "regions", the box and phrase fields of
-    region_fields. Other names in `needs` (model outputs) are not batch fields and are ignored.
+    "image_ids" [B] (see image_id), for "regions", the box and phrase fields of
+    region_fields, and for "sample_ids" a list of B sample_id strings. Other names in `needs` (model outputs) are not batch fields and are ignored.
     Normalisation and the two views of image–image objectives are left to the device
     (vlm.data.loader.TrainLoader).
 
@@ -256,6 +265,8 @@ class BatchLoader:
             batch["image_ids"] = torch.tensor([image_id(s) for s in samples])
         if "regions" in self.needs:
             batch.update(region_fields(samples, self.text))
+        if "sample_ids" in self.needs:
+            batch["sample_ids"] = [sample_id(s) for s in samples]
         self.batches += 1
         return batch
 

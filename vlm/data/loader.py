@@ -90,8 +90,9 @@ class TrainLoader:
 
     `views` (data.augment) adds "views" [2B, 3, S, S] for image–image objectives. Attributes
     the trainer reads: `last_wait_s` (how long next_batch waited for data), `last_bad` (bad
-    samples skipped for the last batch, by reason) and `bad_counts` (this rank's since the
-    run began)."""
+    samples skipped for the last batch, by reason), `bad_counts` (this rank's since the
+    run began) and `taken_ids` (the sample ids of the batches taken, when the batches carry
+    them: the trainer empties it every step)."""
 
     def __init__(self, make: MakeBatches, *, num_workers: int, device: torch.device | str = "cpu",
                  mean: tuple[float, ...], std: tuple[float, ...], views: AugmentConfig | None = None,
@@ -106,6 +107,7 @@ class TrainLoader:
         self.batches = 0
         self.last_wait_s = 0.0
         self.last_bad: Counter[str] = Counter()
+        self.taken_ids: list[str] = []  # the batches' "sample_ids" (data.log_sample_ids), until the trainer takes them
         self._iter: Iterator | None = None
 
     # -- batches ---------------------------------------------------------------------------
@@ -137,6 +139,7 @@ class TrainLoader:
         t0 = time.perf_counter()
         host = self._host_batch()
         self.last_wait_s = time.perf_counter() - t0
+        self.taken_ids.extend(host.pop("sample_ids", ()))
         nb = self.device.type == "cuda"
         batch = {k: v.to(self.device, non_blocking=nb) for k, v in host.items()}
         if self.views is not None:  # drawn on the [0, 1] scale, then normalised like the images

@@ -43,7 +43,8 @@ def build_loader(cfg: RunConfig, text: TextEncoder, model: Pretrainer, *, rank: 
                  device: torch.device) -> TrainLoader:
     """This rank's share of the training shards, as the micro-batches `model` needs, made by
     loader_workers() processes (vlm.data.loader)."""
-    make = functools.partial(make_batches, cfg, text, model.needs, rank, world_size)
+    needs = model.needs | ({"sample_ids"} if cfg.data.log_sample_ids else set())
+    make = functools.partial(make_batches, cfg, text, needs, rank, world_size)
     return TrainLoader(make, num_workers=loader_workers(cfg, world_size), device=device,
                        mean=cfg.model.vision.image_mean, std=cfg.model.vision.image_std,
                        views=cfg.data.augment if model.needs_views else None, seed=cfg.train.seed,

@@ -19,6 +19,11 @@ TRAIN_LOG = "train_log.jsonl"
 WORKER_START = time.time()  # a row's "worker_start": a new value is a new (restarted) process
 
 
+def floats(values: dict) -> dict[str, float]:
+    """A step's losses or diagnostics (tensors on the device) as Python floats: this waits for the device."""
+    return {k: float(v) for k, v in values.items()}
+
+
 def bad_sample_totals(bad_counts: Mapping[str, int], world_size: int) -> dict[str, int]:
     """Collective. Bad samples skipped so far by every rank (each rank's `bad_counts`), for
     the step log: "bad_samples" and "bad_samples/REASON" (vlm.observe.metrics.BAD_REASONS)."""

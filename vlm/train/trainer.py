@@ -33,7 +33,8 @@ from vlm.train.loading import build_loader
 from vlm.train.module import build_pretrainer
 from vlm.train.optim import build_optimizer
 from vlm.train.rendezvous import ensure_process_group
-from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, truncate_log, write_step
+from vlm.train.sample_ids import SampleIdLog
+from vlm.train.steplog import TRAIN_LOG, bad_sample_totals, floats, truncate_log, write_step
 from vlm.train.stop import StopSignals, leave_process
 from vlm.train.universal import to_universal
 from vlm.data.tokenizer import load_run_tokenizer
@@ -80,7 +81,8 @@ class Trainer:
         self.stop_requested, self.stop_reason, self.should_stop = False, "", should_stop
         self.signals: list[int] = []  # signals received by this process (main thread only)
         self.stop_signal: int | None = None  # the signal that stopped the run, on any rank
-        self.last_checkpoint, self.log = None, None  # the tag saved last; rank 0's step log (a RunLog) in run()
+        # the tag saved last; rank 0's step log (a RunLog) and the sample-id log, opened in run()
+        self.last_checkpoint, self.log, self.ids = None, None, None
 
         self.tokenizer_json, self.text = load_run_tokenizer(self.run_dir, cfg.model.text.context_length)
         model = build_pretrainer(cfg, self.text.vocab_size)
@@ -237,12 +239,14 @@ class Trainer:
         logged = self.step % self.cfg.train.log_every == 0 or last
         if logged or not self._read_once:  # the first step too: the loss gauge is never left unset
             self._read_once = True
-            r = {**r, "losses": _floats(r["losses"]), "diagnostics": _floats(r["diagnostics"]),
+            r = {**r, "losses": floats(r["losses"]), "diagnostics": floats(r["diagnostics"]),
                  "grad_norm": None if r["grad_norm"] is None else float(r["grad_norm"])}
         else:
             r = {**r, "losses": {}, "diagnostics": {}, "grad_norm": None}
         if self.metrics:
             self.metrics.record_step(step=self.step, samples=self.global_batch / self.world_size, **r)
+        if self.ids is not None:
+            self.ids.write(self.step)
         if not logged:
             return
         # collective: every rank logs on the same steps
@@ -255,8 +259,9 @@ class Trainer:
         """Collective. Training stalls for the duration, exported as
         vlm_checkpoint_save_duration_seconds and printed."""
         t0 = time.perf_counter()
-        if self.log is not None:  # a remote log is uploaded before every checkpoint: no gap on resume
-            self.log.sync()
+        for log in (self.log, self.ids):  # a remote log is uploaded before every checkpoint: no gap on resume
+            if log is not None:
+                log.sync()
         shared = store.shared_state(step=self.step, samples_seen=self.samples_seen,
                                     config=self.cfg.model_dump(mode="json"), tokenizer=self.tokenizer_json,
                                     world_size=self.world_size, zero_stage=self.cfg.train.zero_stage)
@@ -317,6 +322,9 @@ class Trainer:
             for name in (TRAIN_LOG, EVAL_LOG):
                 truncate_log(rundir.join(self.run_dir, name), self.step)
         log = self.log = rundir.open_log(self.run_dir, TRAIN_LOG) if self.rank == 0 else None
+        if cfg.data.log_sample_ids:
+            self.ids = SampleIdLog(self.run_dir, self.loader, rank=self.rank, world_size=self.world_size,
+                                   step=self.step)
         last_saved, stopped = self.step, False
         signals = StopSignals(self._on_sigterm, cfg.train.stop_grace_s, self.rank).install()
         try:
@@ -336,16 +344,13 @@ class Trainer:
         finally:
             self.loader.close()
             signals.release()
-            if log:
-                log.close()
+            for f in (log, self.ids):
+                if f is not None:
+                    f.close()
             if self.metrics:
                 self.metrics.close()
         return {"step": self.step, "samples_seen": self.samples_seen, "rank": self.rank, "stopped": stopped,
                 "checkpoint": self.last_checkpoint, "signal": self.stop_signal}
-
-
-def _floats(values: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in values.items()}
 
 
 def train(cfg: RunConfig, *, resume: str | None = None, should_stop: Callable[[], bool] | None = None,
@@ -375,16 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     faulthandler.enable()  # a native crash (SIGABRT, SIGSEGV) prints every thread's Python stack
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"python -m vlm.train.trainer: {e}")
-        return 2
-    try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(load_config(args.config, args.overrides), resume=args.resume)
     except BadDataError as e:  # mostly broken shards: say which, no traceback
         print(f"python -m vlm.train.trainer: error: {e}", flush=True)
         return 1
-    except ConfigError as e:  # e.g. a resume whose config changed keys the checkpoint fixes
+    except ConfigError as e:  # a bad config, or a resume whose config changed keys the checkpoint fixes
         print(f"python -m vlm.train.trainer: {e}", flush=True)
         return 2
     status = 0

@@ -86,9 +86,11 @@ class TrainConfig(Strict):
     stop_grace_s: float = Field(60.0, gt=0)
     # `vlm train`: restarts of the worker group after a worker dies (-1: unlimited)
     max_failures: int = Field(3, ge=-1)
-    # an elastic run (num_workers [min, max]) below max: how often Ray Train looks for the
-    # resources to grow back (a resize restarts the group from the newest checkpoint)
+    # elastic runs (num_workers [min, max]): how often Ray Train looks for resources to grow
+    # back; how long a group start waits for resources before it fails and a smaller size is
+    # tried (after a node dies, until Ray marks it dead: RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
     resize_check_s: float = Field(60.0, gt=0)
+    worker_start_timeout_s: float = Field(60.0, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -186,9 +188,8 @@ class DataConfig(Strict):
     augment: AugmentConfig = AugmentConfig()  # the two views of image–image objectives
     colour_augment: ColourAugmentConfig = ColourAugmentConfig()  # caption-consistent greyscale (training)
     train_crop: CropConfig = CropConfig()  # training images; evaluation resizes and centre-crops
-    # data worker processes per training rank that decode, crop and tokenise (0: in the
-    # training process); None: the CPUs this worker has (its affinity shared among the
-    # node's workers, LOCAL_WORLD_SIZE) minus one for the training process
+    # data worker processes per training rank that decode, crop and tokenise (0: in the training
+    # process); None: this worker's CPUs (shared among the node's workers) minus one
     loader_workers: int | None = Field(None, ge=0)
     prefetch_batches: int = Field(2, ge=1)  # batches each data worker keeps ready
     train_shards: str = "{run_dir}/shards/train"
@@ -198,8 +199,7 @@ class DataConfig(Strict):
     # among a rank's last bad_sample_window samples read ends the run, naming the shards.
     max_bad_sample_ratio: float = Field(0.5, gt=0, le=1)
     bad_sample_window: int = Field(1000, ge=1)
-    # each rank logs the samples of every step to {run_dir}/sample_ids/ (vlm.train.sample_ids):
-    # an audit that an epoch's samples are each seen once across restarts and resizes
+    # each rank logs every step's samples to {run_dir}/sample_ids/ (an exactly-once audit: vlm.train.sample_ids)
     log_sample_ids: bool = False
 
     @model_validator(mode="before")

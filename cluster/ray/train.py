@@ -187,6 +187,8 @@ def run_training(cfg: RunConfig, *, resume: str | None = None, max_failures: int
         # when there is no checkpoint and resumes the newest one after a restart (or a resize)
         resume = "auto"
     workers = cfg.train.worker_range() if cfg.train.elastic else cfg.train.worker_range()[0]
+    # read by Ray Train's controller, to which it passes this variable of the driver's
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = f"{cfg.train.worker_start_timeout_s:g}"
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume, "max_failures": max_failures,

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from support.ports import free_port
@@ -56,11 +57,38 @@ def ray_head(env: dict[str, str], *, num_cpus: int = 2):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@dataclass
+class LocalCluster(Head):
+    """deploy/local's two nodes; the worker node can be killed and started again."""
+    common: dict[str, str]
+    worker: dict[str, str]
+    temp_dir: str
+    starts: int = 0
+
+    def start_worker_node(self) -> None:
+        """start-worker.sh, as a user runs it (again after a kill: a fresh temp dir, as on a
+        replacement machine)."""
+        self.starts += 1
+        temp = self.worker["RAY_TEMP_DIR"] + ("" if self.starts == 1 else str(self.starts))
+        _script("start-worker.sh", {**self.common, **self.worker, "RAY_TEMP_DIR": temp})
+
+    def kill_worker_node(self) -> int:
+        """SIGKILLs every process of the worker node (its raylet, agents and Ray workers, the
+        training worker among them), as when its machine dies; the number killed."""
+        worker_temp = f"{self.temp_dir}/w"
+        return kill_tree(lambda args: any(worker_temp in a for a in args))
+
+
+def _script(name: str, env: dict[str, str]) -> None:
+    res = subprocess.run([str(LOCAL / name)], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"{name}: {res.stdout}{res.stderr}"
+
+
 @contextlib.contextmanager
-def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = False):
-    """deploy/local's start-head.sh (1 CPU) and start-worker.sh (2 CPUs), as a user runs them,
-    each node with its own ports and its own temp dir under one of this test's (with
-    `one_temp_dir`, the worker node in the head's, as a `ray start` without --temp-dir)."""
+def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = False, worker_cpus: int = 2):
+    """deploy/local's start-head.sh (1 CPU) and start-worker.sh (`worker_cpus`), as a user
+    runs them, each node with its own ports and its own temp dir under one of this test's
+    (with `one_temp_dir`, the worker node in the head's, as a `ray start` without --temp-dir)."""
     temp_dir = tempfile.mkdtemp(prefix="vlmray")
     port, dash = free_port(), free_port()
     # without the tests' loopback switch, which makes a head refuse other nodes
@@ -69,13 +97,13 @@ def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = Fal
     head = {"RAY_PORT": port, "DASHBOARD_PORT": dash, "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
             "CLIENT_PORT": free_port(), "RAY_TEMP_DIR": f"{temp_dir}/h"}
     worker = {"HEAD_ADDRESS": f"127.0.0.1:{port}", "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
-              "RAY_TEMP_DIR": f"{temp_dir}/{'h' if one_temp_dir else 'w'}"}
+              "RAY_TEMP_DIR": f"{temp_dir}/{'h' if one_temp_dir else 'w'}", "WORKER_CPUS": worker_cpus}
+    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", common,
+                           {k: str(v) for k, v in worker.items()}, temp_dir)
     try:
-        for script, params in (("start-head.sh", head), ("start-worker.sh", worker)):
-            res = subprocess.run([str(LOCAL / script)], env={**common, **{k: str(v) for k, v in params.items()}},
-                                 capture_output=True, text=True, timeout=120)
-            assert res.returncode == 0, f"{script}: {res.stdout}{res.stderr}"
-        yield Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}")
+        _script("start-head.sh", {**common, **{k: str(v) for k, v in head.items()}})
+        cluster.start_worker_node()
+        yield cluster
     finally:
         stop_head(temp_dir, port)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -84,13 +112,15 @@ def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = Fal
 def stop_head(temp_dir: str, port: int) -> None:
     """Kills the processes naming the head's temp dir or its GCS address, and their
     descendants (agents, workers, dashboard modules)."""
+    kill_tree(lambda args: any(temp_dir in a or a.endswith(f":{port}") for a in args))
+
+
+def kill_tree(ours: Callable[[list[str]], bool]) -> int:
+    """SIGKILLs the processes (other than this one) whose command line `ours` accepts, and
+    their descendants; waits for them. The number killed."""
     import psutil
 
-    def ours(p) -> bool:
-        args = p.info["cmdline"] or []
-        return any(temp_dir in a or a.endswith(f":{port}") for a in args)
-
-    procs = {p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p)}
+    procs = {p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid() and ours(p.info["cmdline"] or [])}
     for p in list(procs):
         try:
             procs.update(p.children(recursive=True))
@@ -102,3 +132,4 @@ def stop_head(temp_dir: str, port: int) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=30)
+    return len(procs)

@@ -7,12 +7,18 @@ def add_observe_commands(sub, config_args) -> None:
                        description="Writes RUN_DIR/monitor/prometheus.yml (file_sd over the targets the "
                        "run's workers announce in RUN_DIR/metrics/targets/, the alert rules of "
                        "deploy/prometheus/alerts.yml), starts the `prometheus` binary on 127.0.0.1 with "
-                       "its database in RUN_DIR/monitor/data, prints its URL and serves until Ctrl-C.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir)")
+                       "its database in RUN_DIR/monitor/data, prints its URL and serves until Ctrl-C. RUN_DIR may "
+                       "be a URL (s3://bucket/run, credentials and endpoint from the AWS variables): the "
+                       "config and database are then kept on this machine (--data-dir, default the run's "
+                       "scratch directory under the temp dir), and the run's target files are copied "
+                       "from the bucket into its targets/ subdirectory at every scrape interval.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (cfg.run_dir): a path or a URL")
     p.add_argument("--port", type=int, default=9090, metavar="N", help="listen port (default 9090; 0: any free)")
     p.add_argument("--scrape-interval", default="2s", metavar="DURATION", help="scrape interval (default 2s)")
     p.add_argument("--for", dest="duration", type=float, metavar="SECONDS",
                    help="stop after this many seconds instead of waiting for Ctrl-C")
+    p.add_argument("--data-dir", metavar="DIR", help="where the config, log and database go (default: "
+                   "RUN_DIR/monitor; for a URL, vlm-cache/HASH/monitor under the temp dir, HASH from the URL)")
     p.add_argument("--enable-lifecycle", action="store_true",
                    help="serve Prometheus' /-/reload and /-/quit (off by default: anyone who can reach "
                    "the port could reload or stop the server, without authentication)")
@@ -31,13 +37,15 @@ def add_observe_commands(sub, config_args) -> None:
 
 
 def cmd_monitor(args) -> int:
+    """Runs the monitor in the foreground; its exit status."""
     from vlm.observe.monitor import run_monitor
 
     return run_monitor(args.run_dir, port=args.port, scrape_interval=args.scrape_interval, duration=args.duration,
-                       enable_lifecycle=args.enable_lifecycle)
+                       enable_lifecycle=args.enable_lifecycle, data_dir=args.data_dir)
 
 
 def cmd_report(args) -> int:
+    """Writes the run's report; 0."""
     from vlm.observe.report import write_report
 
     png, page = write_report(args.run_dir, args.output)

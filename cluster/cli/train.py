@@ -8,7 +8,10 @@ def add_train_commands(sub, config_args) -> None:
     p = sub.add_parser("train", help="train on Ray Train workers with DeepSpeed ZeRO",
                        description="Starts train.num_workers Ray Train workers; each runs the DeepSpeed "
                        "engine over its share of data.train_shards, exports Prometheus metrics and "
-                       "writes checkpoints into run_dir/checkpoints.")
+                       "writes checkpoints into run_dir/checkpoints. run_dir may be a URL "
+                       "(s3://bucket/run, credentials and endpoint from the AWS variables): the "
+                       "tokenizer, config, logs, metrics targets and checkpoints then go to the bucket, "
+                       "scratch files to the temp dir, nothing to the working directory.")
     config_args(p, required=True)
     p.add_argument("--resume", metavar="TAG", help="'latest' or a checkpoint tag in run_dir/checkpoints")
     p.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: a local instance)")

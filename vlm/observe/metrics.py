@@ -135,6 +135,7 @@ class TrainMetrics(Exporter):
         self._mfu = self._add_gpu_metrics(flops_per_sample, peak_flops)
 
         self._serve(self.registry, host, port + rank if port else 0)
+        self._remote_sd: str | None = None  # the target at a remote run_dir (write_endpoint)
 
     def _add_gpu_metrics(self, flops_per_sample, peak_flops):
         """GPU memory gauges when CUDA is present; returns the MFU gauge child or None."""
@@ -211,8 +212,9 @@ class TrainMetrics(Exporter):
         $VLM_METRICS_SD_DIR when set) labelled run and rank, removed again by close(), so
         a target left behind is a worker that died. A remote run_dir (a URL: vlm.rundir)
         gets rank{rank}.json; the targets, which Prometheus reads as local files, go to the
-        run's local scratch directory (and $VLM_METRICS_SD_DIR). Returns rank{rank}.json's
-        path or URL."""
+        run's local scratch directory (and $VLM_METRICS_SD_DIR), and a copy to
+        `{run_dir}/metrics/targets/rank{rank}.json` at the URL, which `vlm monitor URL`
+        mirrors onto its machine. Returns rank{rank}.json's path or URL."""
         from vlm import rundir
 
         path = rundir.join(run_dir, "metrics", f"rank{rank}.json")
@@ -223,4 +225,20 @@ class TrainMetrics(Exporter):
         if os.environ.get(SD_DIR_ENV):
             targets.append((os.environ[SD_DIR_ENV], f"train-{self.run}-rank{rank}.json"))
         self._sd_paths = [write_sd_target(os.path.join(dd, name), address, labels) for dd, name in targets]
+        if rundir.is_remote(run_dir):
+            self._remote_sd = rundir.join(run_dir, "metrics", TARGETS_DIR, f"rank{rank}.json")
+            rundir.write_text(self._remote_sd, json.dumps([{"targets": [address], "labels": labels}]))
         return path
+
+    def close(self) -> None:
+        """Withdraws the targets, the remote one too (best effort: a target left behind
+        reads as a worker that died), and stops serving."""
+        remote, self._remote_sd = self._remote_sd, None
+        if remote:
+            from vlm import rundir
+
+            try:
+                rundir.remove(remote)
+            except Exception as e:  # noqa: BLE001 - botocore's errors are no OSError
+                print(f"warning: could not remove the metrics target {remote} ({e})", flush=True)
+        super().close()

@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(VENV)/bin/vlm demo --config configs/demo.yaml --overwrite
 
 test: $(STAMP) prometheus
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -130,8 +130,11 @@ def test_elastic_run_on_s3_survives_losing_a_node_and_grows_back(shards, tmp_pat
         print(f"node killed at step {killed_at}: the worker group restarted at one worker {restarted:.1f}s "
               f"later; its steps were in the bucket {time.time() - kill_time:.1f}s after the kill")
         cluster.start_worker_node()
+        back_time = time.time()
         wait_for("step at two workers again",
                  lambda: any(r["world_size"] == 2 and r["step"] > killed_at for r in rows()), alive)
+        grown = min(r["worker_start"] for r in rows() if r["world_size"] == 2 and r["step"] > killed_at) - back_time
+        print(f"worker node started again: the group grew to two workers {grown:.1f}s later")
         wait_for("the end of the job", lambda: not alive(), lambda: True)
         assert job_status(cluster, "elastic") == "SUCCEEDED"
         logs = vlm(cluster, "logs", "elastic")

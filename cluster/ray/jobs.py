@@ -326,13 +326,14 @@ def warn_shared_temp_dirs(nodes: list[dict]) -> None:
     forwards every worker line of that dir (each printed once per node), and each node's
     runtime-env agent deletes job working dirs there that it no longer uses, the driver's too."""
     shared: dict[tuple[str, str], list[str]] = {}
-    for n in nodes:
+    for n in nodes:  # one machine: one host name (its nodes may have several loopback addresses)
         if n.get("Alive") and n.get("ObjectStoreSocketName"):
             session_dir = str(Path(n["ObjectStoreSocketName"]).parent.parent)
-            shared.setdefault((n["NodeManagerAddress"], session_dir), []).append(n["NodeID"])
-    for (ip, session_dir), ids in shared.items():
+            host = n.get("NodeManagerHostname") or n["NodeManagerAddress"]
+            shared.setdefault((host, session_dir), []).append(n["NodeID"])
+    for (host, session_dir), ids in shared.items():
         if len(ids) > 1:
-            print(f"vlm: warning: {len(ids)} Ray nodes on {ip} share one temp dir ({session_dir}): every "
+            print(f"vlm: warning: {len(ids)} Ray nodes on {host} share one temp dir ({session_dir}): every "
                   f"worker line is logged {len(ids)} times and a node can delete the job's working dir "
                   "under its driver; start each node with a `ray start --temp-dir` of its own "
                   "(deploy/local/README.md)", file=sys.stderr, flush=True)

@@ -2,7 +2,9 @@
 # Starts a second Ray node on this machine that joins the head of start-head.sh.
 # Parameters (environment, with defaults):
 #   RAY             ray executable                    (.venv/bin/ray of this checkout)
-#   HEAD_ADDRESS    the head's GCS address            (127.0.0.1:6379)
+#   HEAD_ADDRESS    the head's GCS address            (127.0.0.2:6379)
+#   NODE_IP         this node's address               (127.0.0.3: a loopback address of its
+#                   own, as another machine has; not 127.0.0.1, see start-head.sh)
 #   WORKER_CPUS     CPUs this node offers             (2)
 #   METRICS_PORT    this node's Ray metrics port      (8081: the head has 8080)
 #   AGENT_PORT      this node's dashboard agent port  (52366: the head's agent has 52365)
@@ -16,7 +18,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 RAY="${RAY:-$ROOT/.venv/bin/ray}"
-HEAD_ADDRESS="${HEAD_ADDRESS:-127.0.0.1:6379}"
+HEAD_ADDRESS="${HEAD_ADDRESS:-127.0.0.2:6379}"
+NODE_IP="${NODE_IP:-127.0.0.3}"
 WORKER_CPUS="${WORKER_CPUS:-2}"
 METRICS_PORT="${METRICS_PORT:-8081}"
 AGENT_PORT="${AGENT_PORT:-52366}"
@@ -33,8 +36,8 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] \
   exit 1
 fi
 
-# Same IP as the head, other ports: two Ray nodes on one machine, as on two machines.
-args=(start --address="$HEAD_ADDRESS" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS"
+# Another loopback address than the head's, other ports: two Ray nodes on one machine, as on two machines.
+args=(start --address="$HEAD_ADDRESS" --node-ip-address="$NODE_IP" --num-cpus="$WORKER_CPUS"
       --metrics-export-port="$METRICS_PORT" --dashboard-agent-listen-port="$AGENT_PORT"
       --temp-dir="$RAY_TEMP_DIR" --disable-usage-stats)
 if [ "$BLOCK" = 1 ]; then args+=(--block); fi

@@ -142,6 +142,8 @@ def test_elastic_run_on_s3_survives_losing_a_node_and_grows_back(shards, tmp_pat
     assert logs.returncode == 0, logs.stderr
     out = logs.stdout
     assert out.count("run elastic finished") == 1 and "share one temp dir" not in out, out[-3000:]
+    # the workers ran on the scripts' loopback addresses, never the machine's outward one
+    assert set(re.findall(r"\(ip=([\d.]+), pid=", out)) == {"127.0.0.2", "127.0.0.3"}, out[-3000:]
     shrink = re.findall(r"resize: world size 2 -> 1 at step (\d+): gradient accumulation 1 -> 2 per worker, "
                         r"global batch 12 unchanged", out)
     grow = re.findall(r"resize: world size 1 -> 2 at step (\d+): gradient accumulation 2 -> 1 per worker, "

@@ -88,7 +88,8 @@ def _script(name: str, env: dict[str, str]) -> None:
 def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = False, worker_cpus: int = 2):
     """deploy/local's start-head.sh (1 CPU) and start-worker.sh (`worker_cpus`), as a user
     runs them, each node with its own ports and its own temp dir under one of this test's
-    (with `one_temp_dir`, the worker node in the head's, as a `ray start` without --temp-dir)."""
+    (with `one_temp_dir`, the worker node in the head's, as a `ray start` without --temp-dir),
+    on the scripts' loopback addresses (head 127.0.0.2, worker 127.0.0.3)."""
     temp_dir = tempfile.mkdtemp(prefix="vlmray")
     port, dash = free_port(), free_port()
     # without the tests' loopback switch, which makes a head refuse other nodes
@@ -96,9 +97,9 @@ def local_cluster(env: dict[str, str], sd_dir: Path, *, one_temp_dir: bool = Fal
               "RAY": str(BIN / "ray"), "VLM_METRICS_SD_DIR": str(sd_dir)}
     head = {"RAY_PORT": port, "DASHBOARD_PORT": dash, "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
             "CLIENT_PORT": free_port(), "RAY_TEMP_DIR": f"{temp_dir}/h"}
-    worker = {"HEAD_ADDRESS": f"127.0.0.1:{port}", "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
+    worker = {"HEAD_ADDRESS": f"127.0.0.2:{port}", "METRICS_PORT": free_port(), "AGENT_PORT": free_port(),
               "RAY_TEMP_DIR": f"{temp_dir}/{'h' if one_temp_dir else 'w'}", "WORKER_CPUS": worker_cpus}
-    cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", common,
+    cluster = LocalCluster(f"127.0.0.2:{port}", f"http://127.0.0.1:{dash}", common,
                            {k: str(v) for k, v in worker.items()}, temp_dir)
     try:
         _script("start-head.sh", {**common, **{k: str(v) for k, v in head.items()}})

@@ -160,7 +160,8 @@ class BatchLoader:
     {"images": [B, S, S, 3] uint8, "tokens": [B, L], "eot_index": [B], "labels": [B]}.
     `needs` (the union of the objectives' needs) adds fields only when asked for:
     "image_ids" [B] (see image_id), for "regions", the box and phrase fields of
-    region_fields, and for "sample_ids" a list of B sample_id strings. Other names in `needs` (model outputs) are not batch fields and are ignored.
+    region_fields, and for "sample_ids" a list of B sample_id strings. Other names in
+    `needs` (model outputs) are not batch fields and are ignored.
     Normalisation and the two views of image–image objectives are left to the device
     (vlm.data.loader.TrainLoader).
 

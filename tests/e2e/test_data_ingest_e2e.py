@@ -25,10 +25,10 @@ from data_pipeline.shards.samples import list_shards
 from demo.server import ImageServer
 from demo.corpus import generate_corpus
 from support.ports import free_port
+from support.s3 import moto_s3
 
 REPO = Path(__file__).resolve().parents[2]
 VLM = str(Path(sys.executable).parent / "vlm")
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +51,11 @@ def private_server(corpus):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    moto_server = pytest.importorskip("moto.server")
-    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = {**AWS_ENV, "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before Ray starts, so its workers inherit it
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    srv.stop()
+def s3():
+    # set in os.environ before Ray starts, so its workers inherit it; the S3-only endpoint
+    # variable, which s3fs honours as well as the general one the other tests use
+    with moto_s3("vlm-test", endpoint_var="AWS_ENDPOINT_URL_S3") as (_, env):
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +199,7 @@ def iter_all(out: Path):
 def test_s3_input_and_output(ray_local, corpus, server, s3):
     import fsspec
 
-    fs = fsspec.filesystem("s3")
-    fs.mkdir("vlm-test")
+    fs = fsspec.filesystem("s3")  # the bucket: made by the s3 fixture
     rows = [{"url": f"{server.url}/{p}", "caption": f"picture {i}"} for i, p in enumerate(_paths(corpus)[:10])]
     with fs.open("vlm-test/in/urls.jsonl", "wb") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows).encode())

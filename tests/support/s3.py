@@ -8,9 +8,11 @@ import os
 
 
 @contextlib.contextmanager
-def moto_s3(bucket: str):
+def moto_s3(bucket: str, endpoint_var: str = "AWS_ENDPOINT_URL"):
     """Yields (s3fs filesystem, the environment variables that reach the server), with
-    `bucket` made (moto keeps buckets per process, across servers: an existing one is fine)."""
+    `bucket` made (moto keeps buckets per process, across servers: an existing one is fine).
+    `endpoint_var` names the server: AWS_ENDPOINT_URL (every AWS service), or the
+    S3-only AWS_ENDPOINT_URL_S3."""
     import s3fs
     from moto.server import ThreadedMotoServer
 
@@ -18,7 +20,7 @@ def moto_s3(bucket: str):
     server.start()
     host, port = server.get_host_and_port()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+           endpoint_var: f"http://{host}:{port}"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     s3fs.S3FileSystem.clear_instance_cache()

@@ -37,8 +37,11 @@ $(STAMP): $(LOCK) requirements/base.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/vlm demo --config configs/demo.yaml --overwrite
 
+# DeepSpeed compiles its CPU collective op on the first multi-rank start, by default into
+# ~/.cache/torch_extensions, shared by every checkout: two checkouts testing at once rebuild
+# it in turn, and a build killed midway leaves a lock every later start waits on. One per venv.
 test: $(STAMP) prometheus
-	$(PY) -m pytest -q --durations=25 tests
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest -q --durations=25 tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -448,11 +448,15 @@ def test_local_script(script):
     assert arrays and arrays[0].split()[0] == "start"
     start = "ray " + " ".join(" ".join(a.split()) for a in arrays)
     check_line(start, script.name)
-    assert "--node-ip-address=127.0.0.1" in start
+    # each node on a loopback address of its own, not 127.0.0.1 (Ray would turn that into
+    # the machine's outward address: start-head.sh)
+    assert '--node-ip-address="$NODE_IP"' in start
+    node_ip = re.search(r'^NODE_IP="\$\{NODE_IP:-(127\.\d+\.\d+\.\d+)\}"$', text, re.M)
+    assert node_ip and node_ip.group(1) != "127.0.0.1", script.name
     if "--head" in start:
         assert "--dashboard-host=127.0.0.1" in start
     else:
-        assert re.search(r'HEAD_ADDRESS="\$\{HEAD_ADDRESS:-127\.0\.0\.1:6379\}"', text)
+        assert re.search(r'HEAD_ADDRESS="\$\{HEAD_ADDRESS:-127\.0\.0\.2:6379\}"', text)
     for line in re.findall(r'^\s*"\$RAY" (?!"\$\{args)(.*)$', text, re.M):
         check_line("ray " + line, script.name)
 
